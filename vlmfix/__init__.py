@@ -1,0 +1,50 @@
+"""vlmfix: training-free hallucination mitigation for LLaVA-family models.
+
+Importing vlmfix has no side effects: nothing is patched or registered until a method is
+attached, and heavy modules (torch, transformers) load on first use.
+
+Example:
+    >>> import vlmfix
+    >>> model, processor = vlmfix.load("tiny-random")  # doctest: +SKIP
+    >>> out = vlmfix.generate(model, processor, [img], ["Describe the image."])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("vlmfix.loading", "load"),
+    "generate": ("vlmfix.generation", "generate"),
+    "GenerationOutput": ("vlmfix.generation", "GenerationOutput"),
+    "attach": ("vlmfix.attachment", "attach"),
+    "AttachHandle": ("vlmfix.attachment", "AttachHandle"),
+    "methods": ("vlmfix.methods", None),
+    "Baseline": ("vlmfix.methods.baseline", "Baseline"),
+}
+
+__all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlmfix import methods
+    from vlmfix.attachment import AttachHandle, attach
+    from vlmfix.generation import GenerationOutput, generate
+    from vlmfix.loading import load
+    from vlmfix.methods.baseline import Baseline
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vlmfix' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

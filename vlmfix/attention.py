@@ -1,0 +1,239 @@
+"""vlmfix's attention function and its registration with transformers.
+
+vlmfix registers one attention function and one mask function under the name
+``"vlmfix"`` with transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` and
+switches only the text model to it. The function receives q/k/v after RoPE and after the
+KV-cache update; it looks up the :class:`Controller` of the attached model through the
+attention module (never through ``generate()`` kwargs or class attributes) and lets the
+attached methods edit scores, probabilities or head outputs.
+
+Registration is reference-counted: the names are added by the first attach and removed by
+the last detach, and a name that someone else registered is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlmfix.kernels import reference
+
+if TYPE_CHECKING:
+    from vlmfix.layout import Layout
+
+__all__ = ["ATTN_NAME", "AttentionCall", "Controller", "vlmfix_attention", "vlmfix_mask"]
+
+logger = logging.getLogger(__name__)
+
+ATTN_NAME = "vlmfix"
+BACKENDS = ("reference", "triton")
+
+# attention module -> controller of the model it belongs to (weak: no leaks).
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REGISTRATION = {"count": 0, "owned": False}
+
+
+@dataclass
+class AttentionCall:
+    """Everything an attention edit may need about one attention call.
+
+    Attributes:
+        layer_idx: decoder layer index.
+        layout: the batch layout, aligned with the keys (``layout.length == Tk``) when the
+            controller could align it, else None.
+        q_len, k_len: query and key lengths.
+        num_heads, num_kv_heads: head counts.
+        controller: the controller (per-layer state lives in ``controller.state``).
+        is_prefill: True on the first forward of a sequence.
+    """
+
+    layer_idx: int
+    layout: Layout | None
+    q_len: int
+    k_len: int
+    num_heads: int
+    num_kv_heads: int
+    controller: Controller
+    is_prefill: bool
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """Key-axis positions of the query rows, ``[Tq]``."""
+        return torch.arange(self.k_len - self.q_len, self.k_len)
+
+
+class Controller:
+    """Per-model state shared by the attention function and the attached methods.
+
+    Attributes:
+        model: the model (weakly referenced by the registry, strongly here).
+        methods: attached method runtimes, in application order.
+        backend: ``"reference"`` or ``"triton"``.
+        layout: the current batch :class:`~vlmfix.layout.Layout` (None before a forward).
+        state: per-layer scratch space, ``state[layer_idx][key]``.
+        is_prefill: whether the forward in flight is a prefill.
+    """
+
+    def __init__(self, model, adapter, methods, backend: str = "reference"):
+        if backend not in BACKENDS:
+            from vlmfix.errors import ConfigError
+
+            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+        self.model = model
+        self.adapter = adapter
+        self.methods = list(methods)
+        self.backend = backend
+        self.layout: Layout | None = None
+        self.state: dict[int, dict[str, Any]] = {}
+        self.is_prefill = False
+        self.num_layers = len(adapter.decoder_layers(model))
+        self._score = [m for m in self.methods if _overrides(m, "pre_softmax")]
+        self._prob = [m for m in self.methods if _overrides(m, "post_softmax")]
+        self._out = [m for m in self.methods if _overrides(m, "on_output")]
+        self._calls = [m for m in self.methods if _overrides(m, "on_attention")]
+
+    def layer_state(self, layer_idx: int) -> dict[str, Any]:
+        return self.state.setdefault(layer_idx, {})
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        layer_idx = module.layer_idx
+        q_len, k_len = query.shape[2], key.shape[2]
+        layout = self.layout if self.layout is not None and self.layout.length == k_len else None
+        call = AttentionCall(
+            layer_idx=layer_idx,
+            layout=layout,
+            q_len=q_len,
+            k_len=k_len,
+            num_heads=query.shape[1],
+            num_kv_heads=key.shape[1],
+            controller=self,
+            is_prefill=self.is_prefill,
+            query=query,
+            key=key,
+            value=value,
+        )
+        for m in self._calls:
+            m.on_attention(call)
+        score_mods = [f for m in self._score if (f := m.pre_softmax(call)) is not None]
+        prob_mods = [f for m in self._prob if (f := m.post_softmax(call)) is not None]
+        mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
+        if self.backend == "triton" and query.is_cuda:
+            from vlmfix.kernels import dispatch
+
+            out = dispatch.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
+        else:
+            out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
+        for m in self._out:
+            out = m.on_output(call, out)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _overrides(obj, name: str) -> bool:
+    from vlmfix.methods.base import Method
+
+    return getattr(type(obj), name, None) is not getattr(Method, name)
+
+
+def controller_for(module) -> Controller | None:
+    return _CONTROLLERS.get(module)
+
+
+def bind(modules, controller: Controller) -> None:
+    for m in modules:
+        _CONTROLLERS[m] = controller
+
+
+def unbind(modules) -> None:
+    for m in modules:
+        _CONTROLLERS.pop(m, None)
+
+
+def vlmfix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The attention function registered as ``"vlmfix"``.
+
+    Args:
+        module: the attention module (carries ``layer_idx``).
+        query: ``[B, H, Tq, D]`` after RoPE.
+        key, value: ``[B, Hkv, Tk, D]`` after RoPE and the cache update.
+        attention_mask: bool ``[B, 1, Tq, Tk]`` from :func:`vlmfix_mask` (or None).
+        scaling: score scale; defaults to ``D ** -0.5``.
+
+    Returns:
+        ``(out[B, Tq, H, D], None)``.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    controller = _CONTROLLERS.get(module)
+    if controller is None:
+        # The model was switched to "vlmfix" without an attach: behave like plain attention.
+        mask = reference.as_bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)
+        out = reference.attention(query, key, value, mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    return controller.attend(module, query, key, value, attention_mask, scaling)
+
+
+def vlmfix_mask(*args, **kwargs):
+    """The mask function registered as ``"vlmfix"``: transformers' boolean sdpa mask,
+    always materialised (never skipped in favour of ``is_causal``), so the attention
+    function always knows exactly which keys each query may see."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"vlmfix"`` with transformers (reference-counted)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if _REGISTRATION["count"] == 0:
+        taken = ATTN_NAME in AttentionInterface._global_mapping
+        if taken and AttentionInterface._global_mapping[ATTN_NAME] is not vlmfix_attention:
+            from vlmfix.errors import StateError
+
+            raise StateError(
+                f"another attention function is already registered as {ATTN_NAME!r}; "
+                "unregister it before attaching vlmfix methods"
+            )
+        # A leftover registration of our own function is ours to remove too.
+        _REGISTRATION["owned"] = True
+        AttentionInterface.register(ATTN_NAME, vlmfix_attention)
+        AttentionMaskInterface.register(ATTN_NAME, vlmfix_mask)
+    _REGISTRATION["count"] += 1
+
+
+def unregister() -> None:
+    """Undo one :func:`register`; the last one removes what vlmfix added."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _REGISTRATION["count"] = max(0, _REGISTRATION["count"] - 1)
+    if _REGISTRATION["count"] == 0 and _REGISTRATION["owned"]:
+        AttentionInterface._global_mapping.pop(ATTN_NAME, None)
+        AttentionMaskInterface._global_mapping.pop(ATTN_NAME, None)
+        _REGISTRATION["owned"] = False
+
+
+def is_registered() -> bool:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return ATTN_NAME in AttentionInterface._global_mapping or ATTN_NAME in AttentionMaskInterface._global_mapping

@@ -1,0 +1,269 @@
+"""Batched generation with methods attached: :func:`vlmfix.generate`.
+
+vlmfix runs its own short decoding loop (prefill, then one token per step on a
+``DynamicCache``) instead of copying transformers' ``_sample``: it needs a seeded
+``torch.Generator`` for sampling, per-step access to the logits of every method, and
+(for contrastive methods) extra rows per sample. Position ids and masks follow
+transformers' ``generate`` exactly, so with no method attached the tokens are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmfix.attachment import attach
+from vlmfix.errors import ConfigError, DataError
+from vlmfix.methods.base import MethodConfig
+
+__all__ = ["GenerationOutput", "generate", "prepare_inputs", "sample_next"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    """What :func:`generate` returns.
+
+    Attributes:
+        texts: decoded continuation per prompt (special tokens removed).
+        token_ids: generated token ids per prompt (EOS included when produced, no padding).
+        scores: if requested, per prompt a ``[T, V]`` fp32 tensor of the final
+            (post-method) next-token logits at each step; else None.
+        stats: per-method telemetry, keyed by method name.
+        prompt_lengths: number of prompt tokens per sample (padding excluded).
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    scores: list[torch.Tensor] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def _open_image(img):
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        return img.convert("RGB") if img.mode != "RGB" else img
+    if isinstance(img, (str, Path)):
+        try:
+            with Image.open(img) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image file {str(img)!r} does not exist") from None
+    raise DataError(f"images must be PIL images or file paths; got {type(img).__name__}")
+
+
+def build_prompt(processor, prompt: str, with_image: bool = True, system: str | None = None) -> str:
+    """Apply the processor's chat template to one user turn (image first, then text)."""
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    conversation = [{"role": "user", "content": content}]
+    if system is not None:
+        conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    if getattr(processor, "chat_template", None) is None:
+        raise ConfigError("the processor has no chat template; pass templated prompts with apply_chat_template=False")
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = True, device=None, dtype=None):
+    """Tokenise prompts and preprocess images as one left-padded batch.
+
+    Returns:
+        The processor's ``BatchFeature`` (``input_ids``, ``attention_mask``,
+        ``pixel_values`` and, for any-res models, ``image_sizes``), on ``device``.
+    """
+    if len(images) != len(prompts):
+        raise DataError(f"got {len(images)} images but {len(prompts)} prompts; pass one image per prompt")
+    if not prompts:
+        raise DataError("prompts is empty; pass at least one prompt")
+    pil = [_open_image(im) for im in images]
+    texts = [build_prompt(processor, p) if apply_chat_template else p for p in prompts]
+    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    if device is not None:
+        inputs = inputs.to(device)
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Choose the next token per row from fp32 logits ``[B, V]`` (greedy or sampling)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # drop tokens once the mass *before* them reaches top_p (keeps at least one)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(model, processor) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    processor,
+    images: list,
+    prompts: list[str],
+    methods: list[MethodConfig] | tuple = (),
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    use_cache: bool = True,
+    return_scores: bool = False,
+    apply_chat_template: bool = True,
+    backend: str = "reference",
+) -> GenerationOutput:
+    """Generate answers for a batch of (image, prompt) pairs with methods attached.
+
+    Args:
+        model, processor: from :func:`vlmfix.load`.
+        images: one PIL image or path per prompt.
+        prompts: user prompts; the processor's chat template is applied unless
+            ``apply_chat_template=False`` (then each prompt must contain the image token).
+        methods: method configs, e.g. ``[vlmfix.methods.get("baseline")()]``.
+        max_new_tokens: generation length cap.
+        do_sample, temperature, top_p, top_k: decoding policy (greedy by default).
+        seed: seeds the ``torch.Generator`` used for sampling and by methods.
+        use_cache: decode with a KV cache (False recomputes the full sequence each step).
+        return_scores: also return the per-step logits used to pick each token.
+        backend: attention backend, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        A :class:`GenerationOutput`.
+
+    Example:
+        >>> out = vlmfix.generate(model, processor, [img], ["Describe the image."])  # doctest: +SKIP
+        >>> out.texts[0]  # doctest: +SKIP
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if do_sample and temperature <= 0:
+        raise ConfigError(f"temperature={temperature} must be > 0 when do_sample=True")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = prepare_inputs(
+        processor, images, prompts, apply_chat_template=apply_chat_template, device=device, dtype=dtype
+    )
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = _eos_ids(model, processor)
+    pad_id = model.generation_config.pad_token_id
+    if pad_id is None:
+        pad_id = next(iter(eos)) if eos else 0
+
+    with attach(model, *methods, backend=backend) as handle:
+        tokens, scores = _decode_loop(
+            model,
+            handle,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad_id=pad_id,
+            use_cache=use_cache,
+            return_scores=return_scores,
+            pick=lambda logits: sample_next(
+                logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            ),
+        )
+        stats = handle.stats()
+
+    token_ids: list[list[int]] = []
+    for row in tokens.tolist():
+        out = []
+        for t in row:
+            out.append(t)
+            if t in eos:
+                break
+        token_ids.append(out)
+    tok = getattr(processor, "tokenizer", processor)
+    texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+    per_sample_scores = None
+    if return_scores:
+        per_sample_scores = [scores[i, : len(token_ids[i])] for i in range(len(token_ids))]
+    return GenerationOutput(
+        texts=texts,
+        token_ids=token_ids,
+        scores=per_sample_scores,
+        stats=stats,
+        prompt_lengths=inputs["attention_mask"].sum(-1).tolist(),
+    )
+
+
+def _decode_loop(model, handle, inputs, *, max_new_tokens, eos, pad_id, use_cache, return_scores, pick):
+    """Prefill then decode; returns ``(tokens[B, T], scores[B, T, V] or None)``."""
+    from transformers import DynamicCache
+
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    B = input_ids.shape[0]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
+    generated, all_scores = [], []
+    seq_ids, seq_mask, seq_pos = input_ids, attention_mask, position_ids
+    step_ids, step_pos = input_ids, position_ids
+    for step in range(max_new_tokens):
+        kwargs = dict(attention_mask=seq_mask, use_cache=use_cache, logits_to_keep=1)
+        if step == 0 or not use_cache:
+            kwargs.update(extra)
+            out = model(input_ids=seq_ids, position_ids=seq_pos, past_key_values=cache, **kwargs)
+        else:
+            out = model(input_ids=step_ids, position_ids=step_pos, past_key_values=cache, **kwargs)
+        logits = out.logits[:, -1, :].float()
+        for m in handle.methods:
+            logits = m.process_logits(step, logits)
+        if return_scores:
+            all_scores.append(logits)
+        nxt = pick(logits)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        generated.append(nxt)
+        if eos_t is not None:
+            done = done | torch.isin(nxt, eos_t)
+        step_ids = nxt[:, None]
+        step_pos = seq_pos[:, -1:] + 1
+        seq_ids = torch.cat([seq_ids, step_ids], dim=1)
+        seq_pos = torch.cat([seq_pos, step_pos], dim=1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids, dtype=seq_mask.dtype)], dim=1)
+        if bool(done.all()):
+            break
+    tokens = torch.stack(generated, dim=1)
+    scores = torch.stack(all_scores, dim=1) if return_scores else None
+    return tokens, scores

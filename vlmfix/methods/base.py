@@ -1,0 +1,149 @@
+"""Method configs and runtimes.
+
+A method is two things:
+
+* a frozen dataclass :class:`MethodConfig` — the one source of its defaults, with help
+  text in each field's metadata, validation in ``__post_init__``, ``to_dict`` /
+  ``from_dict`` — registered by name;
+* a :class:`Method` runtime built from it by :meth:`MethodConfig.build` when attached to
+  a model. The runtime overrides only the hooks it needs; the attention function calls
+  a hook only when a runtime overrides it, so unused hooks cost nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vlmfix.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmfix.attachment import AttachHandle
+    from vlmfix.attention import AttentionCall
+
+__all__ = ["MethodConfig", "Method", "help_field"]
+
+
+def help_field(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with help text (shown by ``vlmfix methods`` and the CLI)."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base class of every method config.
+
+    Class attributes:
+        name: registry name (``vlmfix.methods.get(name)``).
+        order: composition order; lower runs first (token edits < attention edits <
+            logit edits). Methods attached together are sorted by it.
+        paper: citation / link shown in docs.
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    paper: ClassVar[str] = ""
+
+    def build(self) -> Method:
+        """Create the runtime that implements this config."""
+        raise NotImplementedError(f"{type(self).__name__} does not define build()")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., field: value, ...}`` (JSON-serialisable)."""
+        out = {"name": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """Build from a dict (``name`` may be present); unknown keys raise ConfigError."""
+        data = dict(data)
+        name = data.pop("name", cls.name)
+        if name != cls.name:
+            raise ConfigError(f"config for method {name!r} given to {cls.__name__} ({cls.name!r})")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for method {cls.name!r}; valid options: {sorted(known)}")
+        for key, value in list(data.items()):
+            default = known[key].default
+            if isinstance(default, tuple) and isinstance(value, list):
+                data[key] = tuple(value)
+        return cls(**data)
+
+    @classmethod
+    def options(cls) -> list[dict[str, Any]]:
+        """Field name, type, default and help of every option."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
+        return rows
+
+    def _check(self, ok: bool, field_name: str, requirement: str) -> None:
+        """Raise ConfigError naming the field, its value and what it must satisfy."""
+        if not ok:
+            raise ConfigError(
+                f"{self.name}: {field_name}={getattr(self, field_name)!r} is invalid; it must be {requirement}"
+            )
+
+
+class Method:
+    """Runtime of a method attached to one model. Override only what you need.
+
+    Hooks, in the order they run during a forward:
+
+    * :meth:`on_forward` — before every model forward (layout already updated);
+    * :meth:`on_attention` — at each attention call, to inspect q/k/v;
+    * :meth:`pre_softmax` — return ``f(scores) -> scores`` or None;
+    * :meth:`post_softmax` — return ``f(probs) -> probs`` or None;
+    * :meth:`on_output` — edit the per-head output ``[B, H, Tq, D]`` (before ``o_proj``);
+    * :meth:`process_logits` — edit next-token logits inside :func:`vlmfix.generate`.
+    """
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+        self.handle: AttachHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def on_attach(self, handle: AttachHandle) -> None:
+        """Called once when attached; register scoped hooks with ``handle.add_hook``."""
+        self.handle = handle
+
+    def on_detach(self) -> None:
+        """Called once when the handle is removed (hooks are removed by the handle)."""
+        self.handle = None
+
+    def on_forward(self, handle: AttachHandle, kwargs: dict[str, Any]) -> None:
+        """Called before every forward of the model."""
+
+    def on_attention(self, call: AttentionCall) -> None:
+        """Inspect one attention call (q/k/v are in ``call``)."""
+
+    def pre_softmax(self, call: AttentionCall):
+        """Return a function editing fp32 scores ``[B, H, Tq, Tk]``, or None."""
+        return None
+
+    def post_softmax(self, call: AttentionCall):
+        """Return a function editing fp32 probabilities ``[B, H, Tq, Tk]``, or None."""
+        return None
+
+    def on_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """Edit the attention output ``[B, H, Tq, D]`` before ``o_proj``."""
+        return out
+
+    def process_logits(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        """Edit next-token logits ``[B, V]`` (fp32) at generation step ``step``."""
+        return logits
+
+    def stats(self) -> dict[str, Any]:
+        """Telemetry gathered since attach (JSON-serialisable)."""
+        return {}
