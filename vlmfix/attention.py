@@ -80,6 +80,8 @@ class Controller:
         layout: the current batch :class:`~vlmfix.layout.Layout` (None before a forward).
         state: per-layer scratch space, ``state[layer_idx][key]``.
         is_prefill: whether the forward in flight is a prefill.
+        rows: inside :func:`vlmfix.generate`, the :class:`~vlmfix.branches.RowMap` of the
+            batch (which rows are main rows, which are contrast branches); else None.
     """
 
     def __init__(self, model, adapter, methods, backend: str = "reference"):
@@ -87,6 +89,13 @@ class Controller:
             from vlmfix.errors import ConfigError
 
             raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+        if backend == "triton":
+            from vlmfix.errors import ConfigError
+
+            raise ConfigError(
+                "backend='triton' is not available in this version of vlmfix (its kernels are not "
+                "implemented yet); use backend='reference'"
+            )
         self.model = model
         self.adapter = adapter
         self.methods = list(methods)
@@ -94,6 +103,7 @@ class Controller:
         self.layout: Layout | None = None
         self.state: dict[int, dict[str, Any]] = {}
         self.is_prefill = False
+        self.rows = None
         self.num_layers = len(adapter.decoder_layers(model))
         self._score = [m for m in self.methods if _overrides(m, "pre_softmax")]
         self._prob = [m for m in self.methods if _overrides(m, "post_softmax")]
@@ -125,12 +135,7 @@ class Controller:
         score_mods = [f for m in self._score if (f := m.pre_softmax(call)) is not None]
         prob_mods = [f for m in self._prob if (f := m.post_softmax(call)) is not None]
         mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
-        if self.backend == "triton" and query.is_cuda:
-            from vlmfix.kernels import dispatch
-
-            out = dispatch.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
-        else:
-            out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
+        out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
         for m in self._out:
             out = m.on_output(call, out)
         return out.transpose(1, 2).contiguous(), None

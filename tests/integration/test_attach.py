@@ -132,3 +132,12 @@ def test_explicit_reference_path_equals_sdpa():
     naive = torch.softmax(s, -1) @ vv
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(slow, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    model, _, _ = _inputs("llava", 1)
+    with pytest.raises(ConfigError, match="use backend='reference'"):
+        vlmfix.attach(model, backend="triton")
+    with pytest.raises(ConfigError, match="not one of"):
+        vlmfix.attach(model, backend="cuda")
+    assert not attention.is_registered() and active_handle(model) is None
