@@ -1,0 +1,305 @@
+"""Batched, resumable, data-parallel sample loop shared by POPE and CHAIR.
+
+A run is a list of :class:`Sample` (a key, an image, a prompt). The loop
+
+- skips samples whose key already has a record in the output folder (resume);
+- takes every ``world_size``-th sample on each rank (``accelerate launch``; rank and
+  world come from :class:`accelerate.PartialState`), so ranks never overlap;
+- loads images, calls ``generate_fn(images, prompts) -> texts`` batch by batch and
+  appends one record per sample as soon as its batch finishes (:class:`vlmfix.io.JsonlWriter`:
+  an interrupted run loses nothing and a restarted one duplicates nothing);
+- turns a missing or unreadable image, or a sample marked bad beforehand (unknown image
+  id), into a per-sample ``error`` record instead of a crash;
+- on rank 0, after a barrier, merges the per-rank files into ``samples.jsonl`` in sample
+  order, so a sharded run gives the same file as a single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmfix.errors import ConfigError, DataError, StateError
+from vlmfix.io import JsonlWriter, read_jsonl
+
+__all__ = [
+    "Sample",
+    "GenerateFn",
+    "DistContext",
+    "dist_context",
+    "run_samples",
+    "check_run_config",
+    "replace_records",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``generate_fn(images, prompts) -> texts``, one text per prompt.
+GenerateFn = Callable[[list[Any], list[str]], list[str]]
+
+SAMPLES_FILE = "samples.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass
+class Sample:
+    """One unit of work.
+
+    Attributes:
+        key: unique within the run; used to resume and to merge shards.
+        meta: fields copied into the record (question id, label, image id, ...).
+        image_path: image to load, or None when no image is needed.
+        prompt: text prompt for ``generate_fn`` (ignored when ``text`` is given).
+        text: an existing output; when set, nothing is generated for this sample.
+        error: a problem known before generation (e.g. unknown image id); the sample
+            becomes an error record.
+    """
+
+    key: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    image_path: Path | None = None
+    prompt: str = ""
+    text: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, world size and the barrier of this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+    device: str | None = None  # this rank's device under a launcher, else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_context() -> DistContext:
+    """Return this process's rank and world size.
+
+    Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) this uses
+    :class:`accelerate.PartialState` (gloo on CPU-only hosts); a plain process gets
+    rank 0 of 1 without importing torch.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistContext()
+    import torch
+    from accelerate import PartialState
+
+    # Without CUDA, accelerate only sets up gloo when told the run is on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return DistContext(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+
+
+def check_run_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Record the settings that shape the samples; refuse to resume under others.
+
+    Args:
+        out_dir: the run folder.
+        config: JSON-serialisable settings (model, methods, prompt template, decoding).
+
+    Raises:
+        ConfigError: ``out_dir`` holds samples made with different settings.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN_CONFIG_FILE
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = None
+        if old is not None and old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ConfigError(
+                f"{out} holds samples made with different settings ({', '.join(diff)}); "
+                "resume with the same settings or choose a new --out folder"
+            )
+        if old is not None:
+            return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _rank_file(out: Path, rank: int) -> Path:
+    return out / f"samples.rank{rank}.jsonl"
+
+
+def _existing_records(out: Path) -> dict[str, dict]:
+    recs: dict[str, dict] = {}
+    for path in [out / SAMPLES_FILE, *sorted(out.glob("samples.rank*.jsonl"))]:
+        if path.exists():
+            for rec in read_jsonl(path, strict=False):
+                if "key" in rec:
+                    recs.setdefault(rec["key"], rec)
+    return recs
+
+
+def _load_image(path: Path):
+    """Open and fully decode an image as RGB; :class:`DataError` if it cannot be read."""
+    try:
+        from vlmfix.caption import load_image  # the core's loader: also guards decompression bombs
+    except ImportError:
+        load_image = None
+    if load_image is not None:
+        return load_image(path)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def run_samples(
+    samples: Sequence[Sample],
+    out_dir: str | os.PathLike,
+    generate_fn: GenerateFn | None,
+    finish: Callable[[Sample, str], dict[str, Any]],
+    *,
+    batch_size: int = 1,
+    ctx: DistContext | None = None,
+    progress: bool = False,
+) -> list[dict] | None:
+    """Run (or resume) ``samples`` and return every record in sample order.
+
+    Args:
+        samples: the work; keys must be unique.
+        out_dir: the run folder (created).
+        generate_fn: ``(images, prompts) -> texts``; may be None when every sample has
+            ``text`` or ``error``.
+        finish: turns a sample and its output text into the fields of its record
+            (parsed answer, mentions, ...).
+        batch_size: prompts per ``generate_fn`` call.
+        ctx: distributed context (default: :func:`dist_context`).
+        progress: show a tqdm bar.
+
+    Returns:
+        On rank 0, the records (one per sample, in order; failed samples have an
+        ``error`` field). On other ranks, None.
+
+    Raises:
+        DataError: repeated keys, or ``generate_fn`` returned the wrong number of texts.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise DataError("sample keys repeat; every sample needs a unique key")
+    ctx = ctx or dist_context()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _existing_records(out)
+    mine = [s for i, s in enumerate(samples) if i % ctx.world_size == ctx.rank and s.key not in done]
+    if done:
+        logger.info("resuming: %d of %d samples already done", len(done.keys() & set(keys)), len(keys))
+    target = out / SAMPLES_FILE if ctx.world_size == 1 else _rank_file(out, ctx.rank)
+    with JsonlWriter(target) as writer:
+        _loop(mine, generate_fn, finish, writer, batch_size, progress and ctx.is_main)
+    ctx.barrier()  # every shard is written
+    if not ctx.is_main:
+        ctx.barrier()  # wait until rank 0 has merged, so a next run sees the merged file
+        return None
+    try:
+        return _merge(out, samples)
+    finally:
+        ctx.barrier()
+
+
+def _loop(mine, generate_fn, finish, writer, batch_size, progress) -> None:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc="samples")
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start : start + batch_size]
+        ready, images = [], []
+        for s in batch:
+            if s.error is not None:
+                writer.write(_error_record(s, s.error))
+            elif s.text is not None:
+                writer.write({"key": s.key, **s.meta, **finish(s, s.text)})
+            elif s.image_path is not None and not Path(s.image_path).is_file():
+                writer.write(_error_record(s, f"image file not found: {s.image_path}"))
+            else:
+                try:
+                    images.append(_load_image(Path(s.image_path)) if s.image_path else None)
+                except (DataError, OSError) as exc:
+                    writer.write(_error_record(s, f"cannot read image: {exc}"))
+                    continue
+                ready.append(s)
+        if ready:
+            if generate_fn is None:
+                raise ConfigError("samples need generation but no generate_fn / model was given")
+            texts = list(generate_fn(images, [s.prompt for s in ready]))
+            if len(texts) != len(ready):
+                raise DataError(
+                    f"generate_fn returned {len(texts)} texts for {len(ready)} prompts; "
+                    "it must return exactly one text per prompt"
+                )
+            for s, text in zip(ready, texts, strict=True):
+                writer.write({"key": s.key, **s.meta, "prompt": s.prompt, **finish(s, text)})
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+
+
+def _error_record(s: Sample, message: str) -> dict:
+    logger.warning("sample %s: %s", s.key, message)
+    return {"key": s.key, **s.meta, "error": message}
+
+
+def _merge(out: Path, samples: Sequence[Sample]) -> list[dict]:
+    recs = _existing_records(out)
+    missing = [s.key for s in samples if s.key not in recs]
+    if missing:
+        raise StateError(
+            f"{len(missing)} samples have no record after the run (first: {missing[:3]}); "
+            "re-run the same command to finish them"
+        )
+    keys = [s.key for s in samples]
+    ordered = [recs[k] for k in keys]
+    rank_files = sorted(out.glob("samples.rank*.jsonl"))
+    on_disk = [r["key"] for r in read_jsonl(out / SAMPLES_FILE, strict=False)] if (out / SAMPLES_FILE).exists() else []
+    if rank_files or on_disk[: len(keys)] != keys or len(on_disk) != len(recs):
+        # Rewrite atomically in sample order; records of samples outside this invocation
+        # (e.g. an earlier run without --limit) are kept after them, unchanged.
+        keyset = set(keys)
+        extra = [r for k, r in recs.items() if k not in keyset]
+        tmp = out / f".{SAMPLES_FILE}.tmp"
+        if tmp.exists():
+            tmp.unlink()
+        with JsonlWriter(tmp, fsync=True) as w:
+            w.write_many(ordered)
+            w.write_many(extra)
+        os.replace(tmp, out / SAMPLES_FILE)
+        for f in rank_files:
+            f.unlink()
+    return ordered
+
+
+def replace_records(out_dir: str | os.PathLike, updated: Sequence[dict]) -> None:
+    """Atomically rewrite ``samples.jsonl`` with ``updated`` records replacing those of the
+    same key (used when answers are re-parsed with another parser)."""
+    out = Path(out_dir)
+    by_key = {r["key"]: r for r in updated}
+    recs = list(read_jsonl(out / SAMPLES_FILE, strict=False))
+    tmp = out / f".{SAMPLES_FILE}.tmp"
+    if tmp.exists():
+        tmp.unlink()
+    with JsonlWriter(tmp, fsync=True) as w:
+        w.write_many(by_key.get(r.get("key"), r) for r in recs)
+    os.replace(tmp, out / SAMPLES_FILE)
