@@ -153,6 +153,10 @@ class AttachHandle:
         ctrl = self.controller
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None
+            ctrl.plain_causal = False  # a custom 4D mask: always honour it
+        else:
+            # one host sync per forward (transformers' own mask code does the same)
+            ctrl.plain_causal = attention_mask is None or bool(attention_mask.all())
         if past == 0 or ctrl.layout is None:
             if input_ids is None:
                 logger.warning("vlmfix: forward called with inputs_embeds only; no image layout is available")

@@ -49,6 +49,7 @@ class AttentionCall:
         num_heads, num_kv_heads: head counts.
         controller: the controller (per-layer state lives in ``controller.state``).
         is_prefill: True on the first forward of a sequence.
+        scaling: the score scale of this call (``q . k * scaling``).
     """
 
     layer_idx: int
@@ -63,6 +64,7 @@ class AttentionCall:
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    scaling: float | None = None
 
     @property
     def query_positions(self) -> torch.Tensor:
@@ -103,6 +105,9 @@ class Controller:
         self.layout: Layout | None = None
         self.state: dict[int, dict[str, Any]] = {}
         self.is_prefill = False
+        # True while the forward in flight has no padding (set per forward by attach's
+        # pre-hook), so the mask is plain causal and need not be materialised.
+        self.plain_causal = False
         self.rows = None
         self.num_layers = len(adapter.decoder_layers(model))
         self._score = [m for m in self.methods if _overrides(m, "pre_softmax")]
@@ -129,12 +134,14 @@ class Controller:
             query=query,
             key=key,
             value=value,
+            scaling=scaling,
         )
         for m in self._calls:
             m.on_attention(call)
         score_mods = [f for m in self._score if (f := m.pre_softmax(call)) is not None]
         prob_mods = [f for m in self._prob if (f := m.post_softmax(call)) is not None]
-        mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
+        # Without padding the mask is plain causal: let sdpa pick a flash kernel.
+        mask = None if self.plain_causal else reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
         out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
         for m in self._out:
             out = m.on_output(call, out)

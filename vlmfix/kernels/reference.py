@@ -41,7 +41,7 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     *,
     score_mods: list[ScoreMod] = (),
@@ -53,7 +53,9 @@ def attention(
     Args:
         query: ``[B, H, Tq, D]``.
         key, value: ``[B, Hkv, Tk, D]`` (H divisible by Hkv).
-        mask: bool ``[B or 1, 1, Tq, Tk]``, True where a query may attend a key.
+        mask: bool ``[B or 1, 1, Tq, Tk]``, True where a query may attend a key; None
+            means plain causal attention with the queries at the end of the keys (no
+            padding), which lets plain attention use flash kernels.
         scaling: score scale (usually ``D ** -0.5``).
         score_mods: functions ``scores[B,H,Tq,Tk] (fp32, before masking) -> scores``
             applied in order before the softmax.
@@ -64,16 +66,23 @@ def attention(
         ``[B, H, Tq, D]`` in the query's dtype. Rows with no visible key give zeros.
     """
     n_rep = query.shape[1] // key.shape[1]
-    # A query row that may attend nothing (a left-pad position) would give NaN, and
-    # NaN values would leak into real rows through P @ V. Let such rows see every key:
-    # their outputs are never used, and everything stays finite.
-    dead = ~mask.any(dim=-1, keepdim=True)
-    if bool(dead.any()):
-        mask = mask | dead
+    q_len, k_len = query.shape[2], key.shape[2]
+    if mask is not None:
+        # A query row that may attend nothing (a left-pad position) would give NaN, and
+        # NaN values would leak into real rows through P @ V. Let such rows see every
+        # key: their outputs are never used, and everything stays finite. (No host sync.)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
     if not (score_mods or prob_mods or explicit):
-        return F.scaled_dot_product_attention(
-            query, expand_kv(key, n_rep), expand_kv(value, n_rep), attn_mask=mask, scale=scaling
-        )
+        k, v = expand_kv(key, n_rep), expand_kv(value, n_rep)
+        if mask is None and q_len == 1:  # decode without padding: every key is visible
+            return F.scaled_dot_product_attention(query, k, v, scale=scaling)
+        if mask is None and q_len == k_len:  # prefill without padding: flash-eligible
+            return F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+        if mask is None:
+            mask = as_bool_mask(None, q_len, k_len, query.device)
+        return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    if mask is None:
+        mask = as_bool_mask(None, q_len, k_len, query.device)
     k = expand_kv(key, n_rep).float()
     v = expand_kv(value, n_rep).float()
     scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
