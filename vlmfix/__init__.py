@@ -23,10 +23,16 @@ _LAZY = {
     "attach": ("vlmfix.attachment", "attach"),
     "AttachHandle": ("vlmfix.attachment", "AttachHandle"),
     "methods": ("vlmfix.methods", None),
+    "VAR": ("vlmfix.methods.var", "VAR"),
+    "PAI": ("vlmfix.methods.pai", "PAI"),
+    "VHR": ("vlmfix.methods.vhr", "VHR"),
+    "PAINT": ("vlmfix.methods.paint", "PAINT"),
+    "vhd": ("vlmfix.methods.vhr", "vhd"),
     "Baseline": ("vlmfix.methods.baseline", "Baseline"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
+__all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -34,6 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.generation import GenerationOutput, generate
     from vlmfix.loading import load
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.pai import PAI
+    from vlmfix.methods.paint import PAINT
+    from vlmfix.methods.var import VAR
+    from vlmfix.methods.vhr import VHR, vhd
 
 
 def __getattr__(name: str) -> Any:

@@ -122,3 +122,7 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
 
 # Built-in methods register themselves on import.
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
+from vlmfix.methods import pai as _pai  # noqa: E402,F401
+from vlmfix.methods import paint as _paint  # noqa: E402,F401
+from vlmfix.methods import var as _var  # noqa: E402,F401
+from vlmfix.methods import vhr as _vhr  # noqa: E402,F401

@@ -1,0 +1,112 @@
+"""Small helpers shared by the attention-level methods (VAR, PAI, VHR, PAINT).
+
+* :func:`layer_set` turns a method's layer options into the set of decoder layers it
+  edits, scaled to the model's depth.
+* :class:`SequenceTracker` remembers where the prompt of the sequence being generated
+  ends, so that "the last prompt row and every generated row" means the same with the KV
+  cache on (prefill, then one row per step) and off (every step is a fresh prefill of
+  the whole sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise"]
+
+
+def scaled_layers(start: int, end: int, num_layers: int) -> list[int]:
+    """Layers ``start .. end - 1`` with python-slice semantics (negative ``end`` counts
+    from the last layer), clipped to ``[0, num_layers)``.
+
+    The papers state their ranges for 32-layer LMs (e.g. PAI: layers 2..31, VAR: 2..30);
+    written as ``start=2, end=0`` / ``start=2, end=-1`` they keep their meaning ("all but the
+    first two", "... and not the last") at any depth.
+    """
+    stop = num_layers + end if end <= 0 else min(end, num_layers)
+    return [i for i in range(max(0, start), stop)]
+
+
+def layer_set(layers: tuple[int, ...], start: int, end: int, num_layers: int, method: str = "method") -> frozenset[int]:
+    """Explicit ``layers`` (negative indices count from the end) when given, else the
+    :func:`scaled_layers` range.
+
+    Raises:
+        ConfigError: an explicit layer index outside ``[-num_layers, num_layers)``.
+    """
+    if layers:
+        bad = [i for i in layers if not -num_layers <= i < num_layers]
+        if bad:
+            from vlmfix.errors import ConfigError
+
+            raise ConfigError(
+                f"{method}: layers={tuple(layers)!r} has {bad} outside this model's {num_layers} "
+                f"decoder layers; use indices in [-{num_layers}, {num_layers})"
+            )
+        return frozenset(i % num_layers for i in layers)
+    return frozenset(scaled_layers(start, end, num_layers))
+
+
+def query_positions(call) -> torch.Tensor:
+    """Key-axis positions of the query rows, ``[Tq]``, on the query's device."""
+    return torch.arange(call.k_len - call.q_len, call.k_len, device=call.query.device)
+
+
+def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free RMS normalisation over the last dimension (fp32)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class SequenceTracker:
+    """Where the prompt of the current sequence ends, in key positions.
+
+    With the KV cache on, a sequence is one prefill followed by decode steps. With it off,
+    every step is a prefill of the whole sequence; a prefill whose ``input_ids`` extend the
+    previous prefill's ids (same batch, same prefix, longer), with no decode step in
+    between, continues that sequence. Anything else starts a new one.
+
+    Attributes:
+        prompt_length: padded prompt length ``L`` of the current sequence; the last prompt
+            row is at key position ``L - 1``.
+        new_sequence: True during the forward that started the current sequence.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_length: int | None = None
+        self.new_sequence = False
+        self._prev_ids: torch.Tensor | None = None
+
+    def update(self, handle, kwargs: dict[str, Any]) -> None:
+        """Call from :meth:`Method.on_forward`."""
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            n = embeds.shape[1] if embeds is not None else 0
+        else:
+            n = ids.shape[1]
+        if not handle.controller.is_prefill:
+            self.new_sequence = False
+            self._prev_ids = None  # a decode step: the next prefill starts a new sequence
+            return
+        prev = self._prev_ids
+        continues = (
+            prev is not None
+            and ids is not None
+            and self.prompt_length is not None
+            and ids.shape[0] == prev.shape[0]
+            and ids.shape[1] > prev.shape[1]
+            and torch.equal(ids[:, : prev.shape[1]], prev)
+        )
+        self.new_sequence = not continues
+        if not continues:
+            self.prompt_length = n
+        self._prev_ids = ids
+
+    def last_prompt_row(self, call) -> int:
+        """Key position of the last prompt row (falls back to the last row of the call)."""
+        if self.prompt_length is None:
+            return call.k_len - 1
+        return self.prompt_length - 1

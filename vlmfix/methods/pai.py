@@ -1,0 +1,108 @@
+"""PAI: Paying More Attention to Image (Liu et al., ECCV 2024), attention part.
+
+Before the softmax, in layers 2..N-1, the scores of the *last query row* on image keys are
+amplified: ``z <- z + alpha * |z|`` (``alpha = 0.2``). The optional classifier-free
+guidance branch of PAI is a logit-level method and lives with the contrastive methods.
+
+Deviations from the released code (all deliberate):
+
+* The released code edits row ``-1`` of every forward. With the KV cache on that is the last
+  prompt row at prefill and every generated row after it; vlmfix edits exactly those rows
+  (tracked by :class:`~vlmfix.methods._attn_utils.SequenceTracker`), so decoding with the
+  cache off gives the same tokens as with it on.
+* Image keys come from the batch layout (every image token, any-res grid and newline
+  tokens included) instead of a hard-coded ``35 .. 35 + 576`` span, so batches with left
+  padding and LLaVA-NeXT / OneVision prompts work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vlmfix.methods import register
+from vlmfix.methods._attn_utils import SequenceTracker, layer_set, query_positions
+from vlmfix.methods.base import Method, MethodConfig, help_field
+
+__all__ = ["PAI", "PAIRuntime"]
+
+
+@register
+@dataclass(frozen=True)
+class PAI(MethodConfig):
+    """Amplify the last row's pre-softmax attention scores on image tokens.
+
+    Args:
+        alpha: amplification; ``z <- z + alpha * |z|`` on image keys. 0 changes nothing.
+        start_layer, end_layer: edited layers ``start_layer .. end_layer - 1``; an
+            ``end_layer <= 0`` counts from the depth (``0`` = through the last layer), so
+            the paper's 2..31 of 32 layers keeps its meaning at any depth.
+        layers: explicit layer indices; overrides ``start_layer`` / ``end_layer``.
+
+    Example:
+        >>> with vlmfix.attach(model, vlmfix.PAI(alpha=0.2)):  # doctest: +SKIP
+        ...     out = model.generate(**inputs)
+    """
+
+    name: ClassVar[str] = "pai"
+    order: ClassVar[int] = 200
+    paper: ClassVar[str] = "Liu et al., Paying More Attention to Image, ECCV 2024 (arXiv:2407.21771)"
+
+    alpha: float = help_field(0.2, "score amplification on image keys: z + alpha*|z| (released code: 0.2)")
+    start_layer: int = help_field(2, "first edited decoder layer")
+    end_layer: int = help_field(0, "one past the last edited layer; <= 0 counts from the depth (0 = last layer)")
+    layers: tuple[int, ...] = help_field((), "explicit layer indices (overrides start_layer/end_layer)")
+
+    def __post_init__(self):
+        self._check(isinstance(self.alpha, (int, float)) and self.alpha >= 0, "alpha", "a number >= 0")
+        self._check(isinstance(self.start_layer, int) and self.start_layer >= 0, "start_layer", "an int >= 0")
+        self._check(isinstance(self.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
+        self._check(
+            isinstance(self.layers, tuple) and all(isinstance(i, int) for i in self.layers),
+            "layers",
+            "a tuple of ints, e.g. (2, 3, 4)",
+        )
+
+    def build(self) -> Method:
+        return PAIRuntime(self)
+
+
+class PAIRuntime(Method):
+    config: PAI
+
+    def __init__(self, config: PAI):
+        super().__init__(config)
+        self.tracker = SequenceTracker()
+        self.layers: frozenset[int] = frozenset()
+        self._rows = 0
+        self._calls = 0
+
+    def on_attach(self, handle) -> None:
+        super().on_attach(handle)
+        c = self.config
+        self.layers = layer_set(c.layers, c.start_layer, c.end_layer, handle.controller.num_layers, c.name)
+
+    def on_forward(self, handle, kwargs: dict[str, Any]) -> None:
+        self.tracker.update(handle, kwargs)
+
+    def pre_softmax(self, call):
+        if call.layer_idx not in self.layers or call.layout is None or self.config.alpha == 0:
+            return None
+        image = call.layout.image_mask.to(call.query.device)  # [B, Tk]
+        rows = query_positions(call) >= self.tracker.last_prompt_row(call)  # [Tq]
+        if not bool(rows.any()) or not bool(image.any()):
+            return None
+        self._calls += 1
+        self._rows += int(rows.sum()) * call.num_heads * int(image.any(-1).sum())
+        edit = rows[None, None, :, None] & image[:, None, None, :]  # [B, 1, Tq, Tk]
+        alpha = float(self.config.alpha)
+
+        def amplify(scores: torch.Tensor) -> torch.Tensor:
+            return torch.where(edit, scores + alpha * scores.abs(), scores)
+
+        return amplify
+
+    def stats(self) -> dict[str, Any]:
+        return {"layers": sorted(self.layers), "rows_touched": self._rows, "calls_edited": self._calls}

@@ -1,0 +1,253 @@
+"""VAR: Visual Attention Redistribution (Kang et al., "See What You Are Told", ICLR 2025).
+
+Sink tokens. At each edited layer ``l``, a key position is a sink when
+``phi(x) = max_{d in D} |RMSNorm(x)[d]| > tau`` on the layer's *input* hidden state ``x``
+(``tau = 20``). ``RMSNorm`` here is the parameter-free normalisation
+``x / sqrt(mean(x^2) + 1e-6)``, as in the released code: the massive activations that mark
+sinks live in the residual stream, and the layer's learned gain would rescale ``tau``
+differently per model. ``D`` is the pair of
+"massive activation" dimensions of the LM: ``{2533, 1415}`` for LLaMA-2-7B LMs (hidden
+4096, 32 layers: LLaVA-1.5-7B, LLaVA-NeXT-Vicuna-7B) and ``{2100, 4743}`` for LLaMA-2-13B
+LMs (hidden 5120, 40 layers). For any other LM ``D`` is discovered per sample and layer:
+the ``num_dims`` largest ``|RMSNorm(x)|`` dims of the sample's first token (the BOS, the
+canonical sink). The dims used are reported in ``stats()["dims"]``.
+
+Row selection, per (sample, head, query row), on the post-softmax probabilities ``P``:
+image mass ``P_img >= min_image_mass`` (0.2), visual-sink share ``P_sink / P_img <= rho``
+(0.5), and the row at or after the end of the image.
+
+Redistribution in a selected row (DESIGN §5): ``c_sink = p`` (0.6),
+``c_image_nonsink = 1 + (1 - p) * P_sink / P_image_nonsink``, ``c_text = 1``; the row still
+sums to one.
+
+Layers: 2..30 of 32 (``start_layer=2, end_layer=-1``), i.e. the last layer is skipped as in
+the paper; the released code also edits the last layer (set ``end_layer=0`` for that).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vlmfix.methods import register
+from vlmfix.methods._attn_utils import layer_set, query_positions, rms_normalise
+from vlmfix.methods.base import Method, MethodConfig, help_field
+
+__all__ = ["VAR", "VARRuntime", "KNOWN_SINK_DIMS", "known_sink_dims"]
+
+logger = logging.getLogger(__name__)
+
+RMS_EPS = 1e-6  # the released code's eps; tau was calibrated with it
+
+# (text model_type, hidden size, layers) -> massive-activation dims (Sun et al., 2024).
+KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
+    ("llama", 4096, 32): (2533, 1415),
+    ("llama", 5120, 40): (2100, 4743),
+}
+
+
+def known_sink_dims(text_config) -> tuple[int, ...]:
+    """The tabulated massive-activation dims of a text config, or ``()`` when unknown."""
+    key = (
+        getattr(text_config, "model_type", ""),
+        int(getattr(text_config, "hidden_size", 0)),
+        int(getattr(text_config, "num_hidden_layers", 0)),
+    )
+    return KNOWN_SINK_DIMS.get(key, ())
+
+
+@register
+@dataclass(frozen=True)
+class VAR(MethodConfig):
+    """Move attention from visual sink tokens to the other image tokens.
+
+    Args:
+        p: fraction of the sink attention kept in a selected row (1 changes nothing).
+        rho: a row is selected only if sinks hold at most this share of its image mass.
+        min_image_mass: a row is selected only if it puts at least this mass on the image.
+        tau: sink threshold on ``max_{d in D} |RMSNorm(x)[d]|``.
+        dims: massive-activation dims ``D``; empty = the known table, else discovery.
+        num_dims: how many dims discovery picks from the BOS token.
+        start_layer, end_layer: edited layers ``start_layer .. end_layer - 1``; ``end_layer
+            <= 0`` counts from the depth (``-1``: skip the last layer, as the paper does).
+        layers: explicit layer indices; overrides ``start_layer`` / ``end_layer``.
+
+    Example:
+        >>> out = vlmfix.generate(model, processor, [img], ["Describe."], methods=[vlmfix.VAR()])  # doctest: +SKIP
+        >>> out.stats["var"]["rows_redistributed_fraction"]  # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "var"
+    order: ClassVar[int] = 220
+    paper: ClassVar[str] = "Kang et al., See What You Are Told: Visual Attention Sink in LMMs, ICLR 2025"
+
+    p: float = help_field(0.6, "fraction of sink attention kept in selected rows")
+    rho: float = help_field(0.5, "max visual-sink share of the image mass for a row to be selected")
+    min_image_mass: float = help_field(0.2, "min attention mass on the image for a row to be selected")
+    tau: float = help_field(20.0, "sink threshold on max_{d in D} |RMSNorm(x)[d]|")
+    dims: tuple[int, ...] = help_field((), "massive-activation dims D; empty = known table, else discovered")
+    num_dims: int = help_field(2, "number of dims discovered from the BOS token when D is unknown")
+    start_layer: int = help_field(2, "first edited decoder layer")
+    end_layer: int = help_field(-1, "one past the last edited layer; <= 0 counts from the depth (-1 skips the last)")
+    layers: tuple[int, ...] = help_field((), "explicit layer indices (overrides start_layer/end_layer)")
+
+    def __post_init__(self):
+        num = (int, float)
+        self._check(isinstance(self.p, num) and 0 <= self.p <= 1, "p", "a number in [0, 1]")
+        self._check(isinstance(self.rho, num) and 0 <= self.rho <= 1, "rho", "a number in [0, 1]")
+        self._check(
+            isinstance(self.min_image_mass, num) and 0 <= self.min_image_mass <= 1,
+            "min_image_mass",
+            "a number in [0, 1]",
+        )
+        self._check(isinstance(self.tau, num) and self.tau > 0, "tau", "a number > 0")
+        self._check(
+            isinstance(self.dims, tuple) and all(isinstance(d, int) and d >= 0 for d in self.dims),
+            "dims",
+            "a tuple of hidden-dimension indices >= 0, e.g. (2533, 1415), or () for automatic",
+        )
+        self._check(isinstance(self.num_dims, int) and self.num_dims >= 1, "num_dims", "an int >= 1")
+        self._check(isinstance(self.start_layer, int) and self.start_layer >= 0, "start_layer", "an int >= 0")
+        self._check(isinstance(self.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
+        self._check(
+            isinstance(self.layers, tuple) and all(isinstance(i, int) for i in self.layers),
+            "layers",
+            "a tuple of ints, e.g. (2, 3, 4)",
+        )
+
+    def build(self) -> Method:
+        return VARRuntime(self)
+
+
+class VARRuntime(Method):
+    config: VAR
+
+    def __init__(self, config: VAR):
+        super().__init__(config)
+        self.layers: frozenset[int] = frozenset()
+        self.fixed_dims: tuple[int, ...] = ()
+        self._rows_total = 0
+        self._rows_selected = 0
+        self._sinks: dict[int, int] = {}
+        self._dims_seen: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def on_attach(self, handle) -> None:
+        super().on_attach(handle)
+        c = self.config
+        ctrl = handle.controller
+        self.layers = layer_set(c.layers, c.start_layer, c.end_layer, ctrl.num_layers, c.name)
+        text_config = handle.adapter.text_config(handle.model)
+        hidden = int(text_config.hidden_size)
+        self.fixed_dims = c.dims or known_sink_dims(text_config)
+        bad = [d for d in self.fixed_dims if d >= hidden]
+        if bad:
+            from vlmfix.errors import ConfigError
+
+            raise ConfigError(f"var: dims={self.fixed_dims!r} has {bad} >= hidden_size {hidden}; pass dims below it")
+        if c.tau >= hidden**0.5:
+            # |RMSNorm(x)[d]| <= sqrt(hidden) for every token: no sink can ever be found.
+            logger.warning(
+                "var: tau=%s can never be exceeded with hidden_size=%d (|RMSNorm(x)[d]| <= %.1f); "
+                "no sinks will be found: pass a smaller tau for this model",
+                c.tau,
+                hidden,
+                hidden**0.5,
+            )
+        layers = handle.adapter.decoder_layers(handle.model)
+        for idx in sorted(self.layers):
+            hook = layers[idx].register_forward_pre_hook(self._layer_input_hook(idx), with_kwargs=True)
+            handle.add_hook(hook)
+
+    def _layer_input_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if x is not None:
+                self._record_sinks(idx, x)
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ sinks
+    def _record_sinks(self, idx: int, x: torch.Tensor) -> None:
+        """Store per-position sink flags ``[B, T]`` of layer ``idx`` (cat over decode steps)."""
+        ctrl = self.handle.controller
+        state = ctrl.layer_state(idx)
+        h = rms_normalise(x, RMS_EPS)  # [B, T, E]
+        B, T, _ = h.shape
+        if ctrl.is_prefill or "var_dims" not in state:
+            if self.fixed_dims:
+                dims = torch.tensor(self.fixed_dims, device=h.device).expand(B, -1)
+            else:
+                dims = self._discover(h, ctrl.layout)
+            state["var_dims"] = dims
+            self._dims_seen[idx] = dims[0].tolist()
+        dims = state["var_dims"]
+        phi = h.gather(-1, dims[:, None, :].expand(B, T, dims.shape[-1])).abs().amax(-1)  # [B, T]
+        sink = phi > self.config.tau
+        if ctrl.is_prefill or "var_sink" not in state:
+            state["var_sink"] = sink
+        else:
+            state["var_sink"] = torch.cat([state["var_sink"], sink], dim=1)
+
+    def _discover(self, h: torch.Tensor, layout) -> torch.Tensor:
+        """Per sample, the ``num_dims`` largest ``|h|`` dims of its first non-pad token."""
+        B = h.shape[0]
+        if layout is not None and layout.length == h.shape[1]:
+            first = (~layout.pad_mask).to(torch.int8).argmax(-1).to(h.device)
+        else:
+            first = torch.zeros(B, dtype=torch.long, device=h.device)
+        bos = h[torch.arange(B, device=h.device), first]  # [B, E]
+        k = min(self.config.num_dims, h.shape[-1])
+        return bos.abs().topk(k, dim=-1).indices
+
+    # ------------------------------------------------------------------ attention
+    def post_softmax(self, call):
+        if call.layer_idx not in self.layers or call.layout is None:
+            return None
+        sink = call.controller.layer_state(call.layer_idx).get("var_sink")
+        if sink is None or sink.shape[1] != call.k_len:
+            return None
+        layout = call.layout
+        dev = call.query.device
+        image = layout.image_mask.to(dev)  # [B, Tk]
+        vsink = image & sink.to(dev)
+        nonsink = image & ~vsink
+        end = layout.image_end.to(dev)
+        after = (query_positions(call)[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
+        if call.is_prefill or call.layer_idx not in self._sinks:
+            self._sinks[call.layer_idx] = int(vsink.sum())
+        c = self.config
+        p, rho, min_mass = float(c.p), float(c.rho), float(c.min_image_mass)
+
+        def redistribute(probs: torch.Tensor) -> torch.Tensor:
+            P_img = (probs * image[:, None, None, :]).sum(-1)  # [B, H, Tq]
+            P_sink = (probs * vsink[:, None, None, :]).sum(-1)
+            P_rest = P_img - P_sink
+            rows = (P_img >= min_mass) & (P_sink <= rho * P_img) & (P_rest > 0) & after[:, None, :]
+            self._rows_total += int(after.sum()) * probs.shape[1]
+            self._rows_selected += int(rows.sum())
+            boost = 1 + (1 - p) * P_sink / P_rest.clamp_min(torch.finfo(probs.dtype).tiny)
+            factor = torch.where(
+                vsink[:, None, None, :],
+                torch.full_like(probs, p),
+                torch.where(nonsink[:, None, None, :], boost[..., None], torch.ones_like(probs)),
+            )
+            return torch.where(rows[..., None], probs * factor, probs)
+
+        return redistribute
+
+    def stats(self) -> dict[str, Any]:
+        total = self._rows_total
+        return {
+            "layers": sorted(self.layers),
+            "dims": {str(k): v for k, v in sorted(self._dims_seen.items())},
+            "dims_source": "config" if self.config.dims else ("table" if self.fixed_dims else "discovered"),
+            "sinks_per_layer": {str(k): v for k, v in sorted(self._sinks.items())},
+            "rows_considered": total,
+            "rows_redistributed": self._rows_selected,
+            "rows_redistributed_fraction": self._rows_selected / total if total else 0.0,
+        }
