@@ -29,9 +29,15 @@ _LAZY = {
     "PAINT": ("vlmfix.methods.paint", "PAINT"),
     "vhd": ("vlmfix.methods.vhr", "vhd"),
     "Baseline": ("vlmfix.methods.baseline", "Baseline"),
+    "VCD": ("vlmfix.methods.vcd", "VCD"),
+    "ICD": ("vlmfix.methods.icd", "ICD"),
+    "M3ID": ("vlmfix.methods.m3id", "M3ID"),
+    "AvisC": ("vlmfix.methods.avisc", "AvisC"),
+    "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
+__all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,10 +45,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.attachment import AttachHandle, attach
     from vlmfix.generation import GenerationOutput, generate
     from vlmfix.loading import load
+    from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.icd import ICD
+    from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
+    from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT
     from vlmfix.methods.var import VAR
+    from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
 
 

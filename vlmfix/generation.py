@@ -5,6 +5,16 @@ vlmfix runs its own short decoding loop (prefill, then one token per step on a
 ``torch.Generator`` for sampling, per-step access to the logits of every method, and
 (for contrastive methods) extra rows per sample. Position ids and masks follow
 transformers' ``generate`` exactly, so with no method attached the tokens are the same.
+
+Contrastive methods add branch rows (see :mod:`vlmfix.branches`): every sample gets one
+extra row per branch in the same batch, all rows are left-padded jointly, and one forward
+per step serves all of them. The combined logits choose one token per sample, which is
+appended to every row of that sample.
+
+Random numbers come from one ``torch.Generator`` on the model's device, seeded with
+``seed``: first each branch's ``pixels`` transform draws its noise (methods in application
+order, branches in declaration order), then each sampling step draws one
+``torch.multinomial`` over the ``[B, V]`` probabilities of :func:`sample_next`.
 """
 
 from __future__ import annotations
@@ -17,10 +27,11 @@ from typing import Any
 import torch
 
 from vlmfix.attachment import attach
+from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.methods.base import MethodConfig
 
-__all__ = ["GenerationOutput", "generate", "prepare_inputs", "sample_next"]
+__all__ = ["GenerationOutput", "generate", "prepare_inputs", "prepare_rows", "sample_next"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +102,74 @@ def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = Tr
     return inputs
 
 
+def _row_text(processor, prompt: str, spec: BranchSpec | None, apply_chat_template: bool) -> str:
+    with_image = spec is None or spec.with_image
+    system = None if spec is None else spec.system
+    if apply_chat_template:
+        return build_prompt(processor, prompt, with_image=with_image, system=system)
+    if system is not None:
+        raise ConfigError(
+            f"apply_chat_template=False cannot be combined with branch {spec.name!r}, which swaps the system "
+            "prompt; pass untemplated prompts with apply_chat_template=True"
+        )
+    if with_image:
+        return prompt
+    return prompt.replace(getattr(processor, "image_token", "<image>"), "")
+
+
+def prepare_rows(
+    processor,
+    images,
+    prompts,
+    branches: list[BranchSpec],
+    *,
+    generator: torch.Generator,
+    apply_chat_template: bool = True,
+    device=None,
+    dtype=None,
+):
+    """Tokenise the main rows and every branch's rows as one left-padded batch.
+
+    Rows are ``[main_0..main_{B-1}, branch1_0..branch1_{B-1}, ...]``; image tensors
+    (``pixel_values``, ``image_sizes``) hold the rows that have an image, in row order.
+    Each branch's ``pixels`` transform is applied to its slice of the normalised pixel
+    tensor in fp32, drawing from ``generator``, before the cast to ``dtype``.
+
+    Returns:
+        The processor's ``BatchFeature`` for all rows, on ``device``.
+    """
+    if not branches:
+        return prepare_inputs(
+            processor, images, prompts, apply_chat_template=apply_chat_template, device=device, dtype=dtype
+        )
+    if len(images) != len(prompts):
+        raise DataError(f"got {len(images)} images but {len(prompts)} prompts; pass one image per prompt")
+    if not prompts:
+        raise DataError("prompts is empty; pass at least one prompt")
+    pil = [_open_image(im) for im in images]
+    groups: list[BranchSpec | None] = [None, *branches]
+    texts, row_images = [], []
+    for spec in groups:
+        texts.extend(_row_text(processor, p, spec, apply_chat_template) for p in prompts)
+        if spec is None or spec.with_image:
+            row_images.extend(pil)
+    inputs = processor(images=row_images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    if device is not None:
+        inputs = inputs.to(device)
+    pixels = inputs["pixel_values"]
+    B, k = len(prompts), 0
+    for spec in groups:
+        if spec is not None and not spec.with_image:
+            continue
+        if spec is not None and spec.pixels is not None:
+            part = slice(k * B, (k + 1) * B)
+            pixels[part] = spec.pixels(pixels[part].float(), generator).to(pixels.dtype)
+        k += 1
+    if dtype is not None:
+        inputs["pixel_values"] = pixels.to(dtype)
+    return inputs
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -153,10 +232,12 @@ def generate(
         images: one PIL image or path per prompt.
         prompts: user prompts; the processor's chat template is applied unless
             ``apply_chat_template=False`` (then each prompt must contain the image token).
-        methods: method configs, e.g. ``[vlmfix.methods.get("baseline")()]``.
+        methods: method configs, e.g. ``[vlmfix.methods.get("baseline")()]``. Contrastive
+            methods (``vlmfix.VCD()`` ...) add branch rows to the batch; see :mod:`vlmfix.branches`.
         max_new_tokens: generation length cap.
         do_sample, temperature, top_p, top_k: decoding policy (greedy by default).
-        seed: seeds the ``torch.Generator`` used for sampling and by methods.
+        seed: seeds the ``torch.Generator`` used for sampling and by methods (branch
+            noise is drawn first, then one multinomial draw per sampling step).
         use_cache: decode with a KV cache (False recomputes the full sequence each step).
         return_scores: also return the per-step logits used to pick each token.
         backend: attention backend, ``"reference"`` or ``"triton"``.
@@ -178,9 +259,6 @@ def generate(
         raise ConfigError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs = prepare_inputs(
-        processor, images, prompts, apply_chat_template=apply_chat_template, device=device, dtype=dtype
-    )
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = _eos_ids(model, processor)
     pad_id = model.generation_config.pad_token_id
@@ -188,19 +266,37 @@ def generate(
         pad_id = next(iter(eos)) if eos else 0
 
     with attach(model, *methods, backend=backend) as handle:
-        tokens, scores = _decode_loop(
-            model,
-            handle,
-            inputs,
-            max_new_tokens=max_new_tokens,
-            eos=eos,
-            pad_id=pad_id,
-            use_cache=use_cache,
-            return_scores=return_scores,
-            pick=lambda logits: sample_next(
-                logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
-            ),
+        branches = [(m, spec) for m in handle.methods for spec in m.branches()]
+        rows = RowMap(len(prompts), tuple((m.name, spec.name) for m, spec in branches))
+        inputs = prepare_rows(
+            processor,
+            images,
+            prompts,
+            [spec for _, spec in branches],
+            generator=generator,
+            apply_chat_template=apply_chat_template,
+            device=device,
+            dtype=dtype,
         )
+        handle.controller.rows = rows
+        try:
+            tokens, scores = _decode_loop(
+                model,
+                handle,
+                inputs,
+                rows=rows,
+                branches=branches,
+                max_new_tokens=max_new_tokens,
+                eos=eos,
+                pad_id=pad_id,
+                use_cache=use_cache,
+                return_scores=return_scores,
+                pick=lambda logits: sample_next(
+                    logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+                ),
+            )
+        finally:
+            handle.controller.rows = None
         stats = handle.stats()
 
     token_ids: list[list[int]] = []
@@ -221,49 +317,104 @@ def generate(
         token_ids=token_ids,
         scores=per_sample_scores,
         stats=stats,
-        prompt_lengths=inputs["attention_mask"].sum(-1).tolist(),
+        prompt_lengths=inputs["attention_mask"][: len(prompts)].sum(-1).tolist(),
     )
 
 
-def _decode_loop(model, handle, inputs, *, max_new_tokens, eos, pad_id, use_cache, return_scores, pick):
-    """Prefill then decode; returns ``(tokens[B, T], scores[B, T, V] or None)``."""
+def _main_rows(inputs, n: int) -> dict[str, Any]:
+    """The main rows' inputs: every tensor's first ``n`` entries (main rows and their images
+    come first in both the row order and the image order)."""
+    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _embeds_hook(rows: RowMap, edits: list[tuple[int, BranchSpec]], prompt_length: int):
+    """Forward pre-hook of the language model applying the branches' ``embeds`` edits."""
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        # Only full-batch forwards that cover the prompt: the prefill, or every step
+        # without a cache (the probe forward has main rows only).
+        if embeds is None or embeds.shape[0] != rows.num_rows or embeds.shape[1] < prompt_length:
+            return None
+        embeds = embeds.clone()
+        for k, spec in edits:
+            part = rows.branch_rows(k)
+            embeds[part] = spec.embeds(embeds[part], prompt_length)
+        kwargs["inputs_embeds"] = embeds
+        return args, kwargs
+
+    return hook
+
+
+def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, pad_id, use_cache, return_scores, pick):
+    """Prefill then decode every row; returns the main rows' ``(tokens[B, T], scores[B, T, V] or None)``."""
+    from dataclasses import replace
+
     from transformers import DynamicCache
 
     input_ids = inputs["input_ids"]
     attention_mask = inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    B = input_ids.shape[0]
+    B, copies = rows.num_samples, 1 + len(rows.branches)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    per_method = {id(m): [k for k, (owner, _) in enumerate(branches) if owner is m] for m in handle.methods}
+
+    if any(spec.probe for _, spec in branches):
+        handle.controller.rows = replace(rows, branches=(), probing=True)
+        try:
+            model(
+                input_ids=input_ids[:B],
+                attention_mask=attention_mask[:B],
+                position_ids=position_ids[:B],
+                use_cache=False,
+                logits_to_keep=1,
+                **_main_rows(extra, B),
+            )
+        finally:
+            handle.controller.rows = rows
+    edits = [(k, spec) for k, (_, spec) in enumerate(branches) if spec.embeds is not None]
+    hook = None
+    if edits:
+        lm = handle.adapter.get(model, "language_model")
+        hook = lm.register_forward_pre_hook(_embeds_hook(rows, edits, input_ids.shape[1]), with_kwargs=True)
+
     cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
     generated, all_scores = [], []
     seq_ids, seq_mask, seq_pos = input_ids, attention_mask, position_ids
     step_ids, step_pos = input_ids, position_ids
-    for step in range(max_new_tokens):
-        kwargs = dict(attention_mask=seq_mask, use_cache=use_cache, logits_to_keep=1)
-        if step == 0 or not use_cache:
-            kwargs.update(extra)
-            out = model(input_ids=seq_ids, position_ids=seq_pos, past_key_values=cache, **kwargs)
-        else:
-            out = model(input_ids=step_ids, position_ids=step_pos, past_key_values=cache, **kwargs)
-        logits = out.logits[:, -1, :].float()
-        for m in handle.methods:
-            logits = m.process_logits(step, logits)
-        if return_scores:
-            all_scores.append(logits)
-        nxt = pick(logits)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        generated.append(nxt)
-        if eos_t is not None:
-            done = done | torch.isin(nxt, eos_t)
-        step_ids = nxt[:, None]
-        step_pos = seq_pos[:, -1:] + 1
-        seq_ids = torch.cat([seq_ids, step_ids], dim=1)
-        seq_pos = torch.cat([seq_pos, step_pos], dim=1)
-        seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids, dtype=seq_mask.dtype)], dim=1)
-        if bool(done.all()):
-            break
+    try:
+        for step in range(max_new_tokens):
+            kwargs = dict(attention_mask=seq_mask, use_cache=use_cache, logits_to_keep=1)
+            if step == 0 or not use_cache:
+                kwargs.update(extra)
+                out = model(input_ids=seq_ids, position_ids=seq_pos, past_key_values=cache, **kwargs)
+            else:
+                out = model(input_ids=step_ids, position_ids=step_pos, past_key_values=cache, **kwargs)
+            all_logits = out.logits[:, -1, :].float()
+            logits = all_logits[:B]
+            for m in handle.methods:
+                if per_method[id(m)]:
+                    logits = m.combine(step, logits, [all_logits[rows.branch_rows(k)] for k in per_method[id(m)]])
+                logits = m.process_logits(step, logits)
+            if return_scores:
+                all_scores.append(logits)
+            nxt = pick(logits)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            generated.append(nxt)
+            if eos_t is not None:
+                done = done | torch.isin(nxt, eos_t)
+            step_ids = nxt.repeat(copies)[:, None]
+            step_pos = seq_pos[:, -1:] + 1
+            seq_ids = torch.cat([seq_ids, step_ids], dim=1)
+            seq_pos = torch.cat([seq_pos, step_pos], dim=1)
+            seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids, dtype=seq_mask.dtype)], dim=1)
+            if bool(done.all()):
+                break
+    finally:
+        if hook is not None:
+            hook.remove()
     tokens = torch.stack(generated, dim=1)
     scores = torch.stack(all_scores, dim=1) if return_scores else None
     return tokens, scores

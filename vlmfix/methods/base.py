@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from vlmfix.attachment import AttachHandle
     from vlmfix.attention import AttentionCall
+    from vlmfix.branches import BranchSpec
 
 __all__ = ["MethodConfig", "Method", "help_field"]
 
@@ -104,6 +105,9 @@ class Method:
     * :meth:`post_softmax` — return ``f(probs) -> probs`` or None;
     * :meth:`on_output` — edit the per-head output ``[B, H, Tq, D]`` (before ``o_proj``);
     * :meth:`process_logits` — edit next-token logits inside :func:`vlmfix.generate`.
+
+    Contrastive methods also declare extra rows for :func:`vlmfix.generate` with
+    :meth:`branches` and merge their logits in :meth:`combine` (see :mod:`vlmfix.branches`).
     """
 
     def __init__(self, config: MethodConfig):
@@ -142,6 +146,17 @@ class Method:
 
     def process_logits(self, step: int, logits: torch.Tensor) -> torch.Tensor:
         """Edit next-token logits ``[B, V]`` (fp32) at generation step ``step``."""
+        return logits
+
+    def branches(self) -> tuple[BranchSpec, ...]:
+        """Contrast branches this method needs inside :func:`vlmfix.generate` (one extra
+        row per sample each). Called once per ``generate`` call, before tokenisation."""
+        return ()
+
+    def combine(self, step: int, logits: torch.Tensor, branch_logits: list[torch.Tensor]) -> torch.Tensor:
+        """Merge main-row logits ``[B, V]`` (fp32) with this method's branch logits (one
+        ``[B, V]`` per entry of :meth:`branches`, same order) at generation step ``step``.
+        Runs before this method's :meth:`process_logits`."""
         return logits
 
     def stats(self) -> dict[str, Any]:
