@@ -17,6 +17,18 @@ import torch
 __all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise"]
 
 
+def check_layer_fields(config) -> None:
+    """Validate the ``start_layer`` / ``end_layer`` / ``layers`` fields shared by the
+    layer-ranged methods (raises ConfigError naming the field)."""
+    config._check(isinstance(config.start_layer, int) and config.start_layer >= 0, "start_layer", "an int >= 0")
+    config._check(isinstance(config.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
+    config._check(
+        isinstance(config.layers, tuple) and all(isinstance(i, int) for i in config.layers),
+        "layers",
+        "a tuple of ints, e.g. (2, 3, 4)",
+    )
+
+
 def scaled_layers(start: int, end: int, num_layers: int) -> list[int]:
     """Layers ``start .. end - 1`` with python-slice semantics (negative ``end`` counts
     from the last layer), clipped to ``[0, num_layers)``.

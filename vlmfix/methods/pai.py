@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, layer_set, query_positions
+from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, layer_set, query_positions
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAI", "PAIRuntime"]
@@ -57,13 +57,7 @@ class PAI(MethodConfig):
 
     def __post_init__(self):
         self._check(isinstance(self.alpha, (int, float)) and self.alpha >= 0, "alpha", "a number >= 0")
-        self._check(isinstance(self.start_layer, int) and self.start_layer >= 0, "start_layer", "an int >= 0")
-        self._check(isinstance(self.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
-        self._check(
-            isinstance(self.layers, tuple) and all(isinstance(i, int) for i in self.layers),
-            "layers",
-            "a tuple of ints, e.g. (2, 3, 4)",
-        )
+        check_layer_fields(self)
 
     def build(self) -> Method:
         return PAIRuntime(self)

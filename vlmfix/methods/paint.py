@@ -41,7 +41,7 @@ import torch
 
 from vlmfix.layout import Part
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, layer_set, query_positions
+from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, layer_set, query_positions
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAINT", "PAINTRuntime", "LOCAL", "SUMMARY"]
@@ -95,13 +95,7 @@ class PAINT(MethodConfig):
         )
         self._check(isinstance(self.summary_sigma, num) and self.summary_sigma >= 0, "summary_sigma", "a number >= 0")
         self._check(isinstance(self.head_sensitivity, bool), "head_sensitivity", "True or False")
-        self._check(isinstance(self.start_layer, int) and self.start_layer >= 0, "start_layer", "an int >= 0")
-        self._check(isinstance(self.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
-        self._check(
-            isinstance(self.layers, tuple) and all(isinstance(i, int) for i in self.layers),
-            "layers",
-            "a tuple of ints, e.g. (2, 3, 4)",
-        )
+        check_layer_fields(self)
 
     def build(self) -> Method:
         return PAINTRuntime(self)

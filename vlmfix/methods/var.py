@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import layer_set, query_positions, rms_normalise
+from vlmfix.methods._attn_utils import check_layer_fields, layer_set, query_positions, rms_normalise
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["VAR", "VARRuntime", "KNOWN_SINK_DIMS", "known_sink_dims"]
@@ -110,13 +110,7 @@ class VAR(MethodConfig):
             "a tuple of hidden-dimension indices >= 0, e.g. (2533, 1415), or () for automatic",
         )
         self._check(isinstance(self.num_dims, int) and self.num_dims >= 1, "num_dims", "an int >= 1")
-        self._check(isinstance(self.start_layer, int) and self.start_layer >= 0, "start_layer", "an int >= 0")
-        self._check(isinstance(self.end_layer, int), "end_layer", "an int (<= 0 counts from the depth)")
-        self._check(
-            isinstance(self.layers, tuple) and all(isinstance(i, int) for i in self.layers),
-            "layers",
-            "a tuple of ints, e.g. (2, 3, 4)",
-        )
+        check_layer_fields(self)
 
     def build(self) -> Method:
         return VARRuntime(self)
