@@ -10,6 +10,7 @@ block): attention implementation of every sub-config, hooks, registrations.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from typing import Any
 
@@ -73,6 +74,13 @@ class AttachHandle:
         self._attn_before = _attn_snapshot(model)
         self._modules = self.adapter.attention_modules(model)
         self._removed = False
+        # Methods that act on logits or add branch rows only work inside vlmfix.generate.
+        self._logit_methods = [
+            m.name
+            for m in self.methods
+            if any(attention._overrides(m, h) for h in ("branches", "combine", "process_logits"))
+        ]
+        self._warned_logits = False
         self._setup()
 
     # ------------------------------------------------------------------ lifecycle
@@ -151,6 +159,14 @@ class AttachHandle:
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
         ctrl = self.controller
+        if self._logit_methods and ctrl.rows is None and not self._warned_logits:
+            self._warned_logits = True
+            warnings.warn(
+                f"{', '.join(self._logit_methods)} act on next-token logits (and contrast rows) only inside "
+                "vlmfix.generate(); this plain forward / model.generate() call runs without them",
+                UserWarning,
+                stacklevel=2,
+            )
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None
             ctrl.plain_causal = False  # a custom 4D mask: always honour it

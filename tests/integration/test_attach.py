@@ -141,3 +141,15 @@ def test_unavailable_backend_is_a_clear_error():
     with pytest.raises(ConfigError, match="not one of"):
         vlmfix.attach(model, backend="cuda")
     assert not attention.is_registered() and active_handle(model) is None
+
+
+def test_logit_methods_warn_outside_vlmfix_generate():
+    model, processor, inputs = _inputs("llava", 2)
+    with vlmfix.attach(model, vlmfix.VCD()):
+        with pytest.warns(UserWarning, match="only inside vlmfix.generate"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], [vlmfix.VCD()], max_new_tokens=2)
