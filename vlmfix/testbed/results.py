@@ -1,0 +1,296 @@
+"""Every method on every testbed variant: POPE, CHAIR and partner hallucination.
+
+One command writes ``docs/results.md`` (table + reading aids) and a plot::
+
+    python -m vlmfix.testbed.results --out docs/results --n 200
+
+For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``) and each
+registered method (paper defaults), on held-out ``clean``-world scenes of a seed that
+training never used:
+
+- POPE ``random`` on the natural split and POPE ``adversarial`` on the adversarial split
+  (negatives = the category that co-occurs most with each positive in the natural
+  split, i.e. the absent prior partner), both built by :mod:`vlmfix.eval.pope`, prompt
+  template ``plain``, parser ``pope_official``;
+- CHAIR (:mod:`vlmfix.eval.chair`, instances-only ground truth) on natural and
+  adversarial captions;
+- partner-hallucination rate on the adversarial split: over (scene, A present, its
+  prior partner B absent), how often the caption names B, and where: after the word
+  for A, before it, or with A not named.
+
+Everything goes through the public API (``vlmfix.load``, ``vlmfix.generate``), greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmfix.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 1_000_003
+CAPTION_PROMPT = "describe the image."
+
+
+def _split_objects(instances: Path) -> dict[int, set[str]]:
+    data = json.loads(instances.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    out: dict[int, set[str]] = {im["id"]: set() for im in data["images"]}
+    for a in data["annotations"]:
+        out[a["image_id"]].add(names[a["category_id"]])
+    return out
+
+
+def partner_stats(captions: dict[int, str], objects: dict[int, set[str]]) -> dict[str, float]:
+    """Partner hallucination over (scene, A present, partner B absent) instances.
+
+    Args:
+        captions: image id -> caption.
+        objects: image id -> categories present.
+
+    Returns:
+        ``rate`` (B named), and among those, shares where B first appears ``after`` the
+        first mention of A, ``before`` it, or with A ``unnamed``; ``instances``.
+    """
+    from vlmfix.testbed import catalog as cat
+
+    inst = hit = after = before = unnamed = 0
+    for image_id, text in captions.items():
+        words = re.findall(r"[a-z]+", text.lower())
+        present = objects.get(image_id, set())
+        for a, b in cat.PAIRS:
+            if a not in present or b in present:
+                continue
+            inst += 1
+            if b not in words:
+                continue
+            hit += 1
+            if a not in words:
+                unnamed += 1
+            elif words.index(b) > words.index(a):
+                after += 1
+            else:
+                before += 1
+    return {
+        "instances": inst,
+        "rate": hit / inst if inst else 0.0,
+        "after_a": after / hit if hit else 0.0,
+        "before_a": before / hit if hit else 0.0,
+        "a_unnamed": unnamed / hit if hit else 0.0,
+    }
+
+
+def parse_method_spec(spec: str) -> list:
+    """``"vcd"`` or ``"var:tau=5,p=0.6"`` -> method configs (``"baseline"`` -> none).
+
+    Several methods compose with ``+``: ``"var:tau=5+vcd"``.
+    """
+    import yaml
+
+    import vlmfix
+
+    configs = []
+    for part in spec.split("+"):
+        name, _, opts = part.partition(":")
+        if name.strip() == "baseline":
+            continue
+        overrides = {}
+        for item in filter(None, opts.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"method spec {spec!r}: option {item!r} must be KEY=VALUE")
+            overrides[key.strip()] = yaml.safe_load(value)
+        configs.append(vlmfix.methods.build_config(name.strip(), overrides))
+    return configs
+
+
+def _write_splits(root: Path, n: int, seed: int) -> dict[str, dict[str, Path]]:
+    from vlmfix.testbed import scenes
+
+    return {kind: scenes.write_split(root / kind, n=n, seed=seed, kind=kind) for kind in ("natural", "adversarial")}
+
+
+def evaluate(
+    variant: str,
+    method_names: list[str],
+    splits: dict[str, dict[str, Path]],
+    work: Path,
+    *,
+    n: int,
+    seed: int,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate methods (default settings) on one variant; returns one row per method."""
+    import vlmfix
+    from vlmfix.eval.chair import image_samples, load_ground_truth, run_chair
+    from vlmfix.eval.pope import build_questions, load_coco_objects, run_pope
+
+    model, processor = vlmfix.load(f"testbed:{variant}", dtype="float32", device=device or "cpu")
+    natural = load_coco_objects(splits["natural"]["instances"])
+    adversarial = load_coco_objects(splits["adversarial"]["instances"])
+    adversarial.cooccur = natural.cooccur  # negatives follow the world's priors
+    questions = {
+        "random": build_questions(natural, "random", n_images=n, seed=seed),
+        "adversarial": build_questions(adversarial, "adversarial", n_images=n, seed=seed),
+    }
+    rows = []
+    for name in method_names:
+        configs = parse_method_spec(name)
+        t0 = time.perf_counter()
+
+        def generate_fn(images, prompts, _configs=configs, max_new_tokens=24):
+            return vlmfix.generate(model, processor, images, prompts, _configs, max_new_tokens=max_new_tokens).texts
+
+        row: dict[str, Any] = {"variant": variant, "method": name}
+        for split_name, qs in questions.items():
+            kind = "natural" if split_name == "random" else "adversarial"
+            res = run_pope(
+                {split_name: qs},
+                splits[kind]["images"],
+                work / variant / name / f"pope_{split_name}",
+                lambda im, pr: generate_fn(im, pr, max_new_tokens=4),
+                template="plain",
+                batch_size=batch_size,
+                run_info={"model_id": f"testbed:{variant}", "methods": [c.to_dict() for c in configs]},
+            )
+            m = res["splits"][split_name]
+            row[f"pope_{split_name}_acc"] = m["accuracy"]
+            row[f"pope_{split_name}_f1"] = m["f1"]
+        for kind in ("natural", "adversarial"):
+            gt = load_ground_truth(splits[kind]["instances"])
+            samples = image_samples(splits[kind]["images"], gt, n=None, prompt=CAPTION_PROMPT)
+            out = work / variant / name / f"chair_{kind}"
+            res = run_chair(samples, gt, out, generate_fn, batch_size=batch_size)
+            metrics = res["metrics"]
+            row[f"chair_s_{kind}"] = metrics["CHAIR_s"]
+            row[f"chair_i_{kind}"] = metrics["CHAIR_i"]
+            row[f"recall_{kind}"] = metrics["Recall"]
+            if kind == "adversarial":
+                from vlmfix.io import read_jsonl
+
+                caps = {
+                    r["image_id"]: r.get("caption") or r.get("text") or "" for r in read_jsonl(out / "samples.jsonl")
+                }
+                objs = _split_objects(splits[kind]["instances"])
+                row.update({f"partner_{k}": v for k, v in partner_stats(caps, objs).items()})
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        logger.info("%s / %s done in %.1fs", variant, name, row["seconds"])
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| variant | method | POPE rand acc | POPE rand F1 | POPE adv acc | POPE adv F1 | CHAIR_s nat | "
+        "CHAIR_i nat | CHAIR_s adv | CHAIR_i adv | Recall adv | partner rate | after A | before A | A unnamed |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {_fmt(r['pope_random_acc'])} | {_fmt(r['pope_random_f1'])} | "
+            f"{_fmt(r['pope_adversarial_acc'])} | {_fmt(r['pope_adversarial_f1'])} | {_fmt(r['chair_s_natural'])} | "
+            f"{_fmt(r['chair_i_natural'])} | {_fmt(r['chair_s_adversarial'])} | {_fmt(r['chair_i_adversarial'])} | "
+            f"{_fmt(r['recall_adversarial'])} | {_fmt(r['partner_rate'])} | {_fmt(r['partner_after_a'])} | "
+            f"{_fmt(r['partner_before_a'])} | {_fmt(r['partner_a_unnamed'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(methods)
+    for ax, key, title in (
+        (axes[0], "partner_rate", "partner hallucination rate (adversarial captions)"),
+        (axes[1], "pope_adversarial_acc", "POPE adversarial accuracy"),
+    ):
+        for j, m in enumerate(methods):
+            vals = [next((r[key] for r in rows if r["variant"] == v and r["method"] == m), 0.0) for v in variants]
+            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import vlmfix
+    from vlmfix import testbed
+
+    parser = argparse.ArgumentParser(prog="python -m vlmfix.testbed.results", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="docs/results", help="folder for rows.json and the plot")
+    parser.add_argument("--markdown", default="docs/results.md", help="where to write the table")
+    parser.add_argument("--n", type=int, default=200, help="scenes per split (default 200)")
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    parser.add_argument("--variants", nargs="*", default=None, help="default: every shipped variant")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help="method specs (NAME, NAME:KEY=VAL,..., A+B to compose); default: every registered method",
+    )
+    parser.add_argument("--append", action="store_true", help="add rows to an existing rows.json instead of replacing")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if args.n < 3:
+        raise ConfigError(f"--n {args.n} must be >= 3")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    variants = args.variants or testbed.available_variants()
+    methods = args.methods or vlmfix.methods.available()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = _write_splits(Path(tmp) / "scenes", args.n, args.seed)
+        for variant in variants:
+            rows += evaluate(
+                variant, methods, splits, Path(tmp) / "runs", n=args.n, seed=args.seed,
+                batch_size=args.batch_size, device=args.device,
+            )  # fmt: skip
+    if args.append and (out / "rows.json").exists():
+        new_keys = {(r["variant"], r["method"]) for r in rows}
+        old_rows = json.loads((out / "rows.json").read_text())
+        rows = [r for r in old_rows if (r["variant"], r["method"]) not in new_keys] + rows
+        rows.sort(key=lambda r: (r["variant"], r["method"] != "baseline", r["method"]))
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "results.png")
+    table = markdown_table(rows)
+    md = Path(args.markdown)
+    text = md.read_text() if md.exists() else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    md.write_text(text)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
