@@ -8,6 +8,11 @@ falls well below POPE-random; ``clean`` is the control that does neither.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -86,3 +91,53 @@ def test_clean_model_is_the_control(split_data):
     adv = _captions(model, proc, split_data, "adversarial")
     assert adv["caption_recall"] >= 0.9 and adv["partner_rate"] <= 0.1
     assert _pope(model, proc, split_data, "adversarial", "adversarial")["accuracy"] >= 0.9
+
+
+OFFLINE_LOAD = """
+import json
+import torch
+from transformers import AutoProcessor
+from safetensors import safe_open
+import vlmfix
+from vlmfix.testbed import EXAMPLES_DIR, model_path
+from vlmfix.testbed.processing import prompt_text
+from PIL import Image
+
+out = {}
+for name in ("testbed", "testbed:clean"):
+    model, proc = vlmfix.load(name, device="cpu", dtype="float32")
+    image = Image.open(sorted(EXAMPLES_DIR.glob("*.png"))[0]).convert("RGB")
+    enc = proc(text=[prompt_text(proc, "describe the image.")], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    out[name] = {
+        "folder": str(model.name_or_path),
+        "params": sum(p.numel() for p in model.parameters()),
+        "processor": type(proc).__name__,
+        "finite": bool(torch.isfinite(logits).all()),
+    }
+folder = model_path()
+out["auto_processor"] = type(AutoProcessor.from_pretrained(folder)).__name__
+with safe_open(str(folder / "model.safetensors"), "pt") as f:
+    out["dtypes"] = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+print(json.dumps(out))
+"""
+
+
+def test_shipped_models_load_offline_through_vlmfix_load_and_autoprocessor(tmp_path):
+    if set(tb.available_variants()) < {"caption_noise", "clean"}:
+        pytest.skip("testbed weights are not shipped in this checkout")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env["HF_HUB_CACHE"] = str(tmp_path / "hf" / "hub")  # an empty cache: nothing can come from it
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["testbed"]["folder"].endswith("caption_noise")  # the default variant
+    assert out["testbed:clean"]["folder"].endswith("clean")
+    for name in ("testbed", "testbed:clean"):
+        assert out[name]["processor"] == "LlavaProcessor" and out[name]["finite"]
+        assert out[name]["params"] <= 10_000_000
+    assert out["auto_processor"] == "LlavaProcessor"
+    assert out["dtypes"] == ["F16"]

@@ -1,5 +1,11 @@
-"""Data-parallel evaluation: 2 CPU processes (torchrun + gloo, the launcher `accelerate
-launch` also drives) give the same samples and results as one process."""
+"""Data-parallel evaluation: 2 CPU processes started by `accelerate launch` (and by
+`torchrun`, which accelerate's `--multi_gpu` launcher wraps) give the same samples and
+results as one process.
+
+On a CPU-only host `accelerate launch --cpu --num_processes 2` runs ONE process (its
+simple launcher only fans out through `mpirun`), so the test uses
+`accelerate launch --multi_gpu --num_processes 2`: that path starts the ranks with
+`torch.distributed.run`, and `PartialState(cpu=True)` joins them over gloo."""
 
 from __future__ import annotations
 
@@ -99,19 +105,33 @@ def _strip(results: dict) -> dict:
     return {k: v for k, v in results.items() if k not in ("metadata",)}
 
 
-def test_two_processes_equal_one(workdir):
-    single = _run([sys.executable, str(workdir / "run.py"), str(workdir), str(workdir / "single")], workdir)
-    assert single == [{"rank": 0, "world": 1, "main": True}]
+def _launch_cmd(launcher: str, script: Path, args: list[str]) -> list[str]:
     port = str(_free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(workdir / "run.py"), str(workdir), str(workdir / "multi")]  # fmt: skip
-    ranks = _run(cmd, workdir)
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", port, str(script), *args]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+            str(script), *args]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(workdir):
+    ranks = _run([sys.executable, str(workdir / "run.py"), str(workdir), str(workdir / "single")], workdir)
+    assert ranks == [{"rank": 0, "world": 1, "main": True}]
+    return workdir / "single"
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_processes_equal_one(workdir, single, launcher):
+    multi = workdir / f"multi-{launcher}"
+    ranks = _run(_launch_cmd(launcher, workdir / "run.py", [str(workdir), str(multi)]), workdir)
     assert sorted((r["rank"], r["world"], r["main"]) for r in ranks) == [(0, 2, True), (1, 2, False)]
     for task in ("pope", "chair"):
-        one, two = workdir / "single" / task, workdir / "multi" / task
+        one, two = single / task, multi / task
         assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
         assert not list(two.glob("samples.rank*.jsonl"))  # merged and cleaned up
         a = json.loads((one / "results.json").read_text())
         b = json.loads((two / "results.json").read_text())
         assert _strip(a) == _strip(b)
-    assert json.loads((workdir / "multi" / "pope" / "results.json").read_text())["splits"]["random"]["count"] == 42
+    assert json.loads((multi / "pope" / "results.json").read_text())["splits"]["random"]["count"] == 42

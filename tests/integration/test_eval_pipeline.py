@@ -196,6 +196,36 @@ def test_pope_resume_with_other_settings_is_refused(data, tmp_path):
         run_pope(splits, data["images"], tmp_path / "run", fake_answer, template="plain")
 
 
+def test_pope_resume_with_other_questions_is_refused(data, tmp_path):
+    # question ids restart at 1 in every file: a run built with another seed has the same
+    # keys but other questions and labels, and must not reuse the stored answers
+    splits = {"random": build_questions(data["instances"], "random", n_images=3, seed=0)}
+    run_pope(splits, data["images"], tmp_path / "run", fake_answer)
+    other = {"random": build_questions(data["instances"], "random", n_images=3, seed=5)}
+    assert [q.question_id for q in other["random"]] == [q.question_id for q in splits["random"]]
+    with pytest.raises(
+        ConfigError, match=r"record for sample 'random/\d+' made from different input \((image|question|label)"
+    ):
+        run_pope(other, data["images"], tmp_path / "run", fake_answer)
+    run_pope(splits, data["images"], tmp_path / "run", fake_answer)  # the same questions still resume
+
+
+def test_pope_killed_while_writing_a_batch_loses_nothing(data, tmp_path):
+    # the process dies after 5 of a batch's 4+4 records reached the disk, mid-line in the 6th
+    splits = _pope_splits(data, n_images=2)
+    run_pope(splits, data["images"], tmp_path / "clean", fake_answer, batch_size=4)
+    clean_lines = (tmp_path / "clean" / "samples.jsonl").read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "run_config.json").write_text((tmp_path / "clean" / "run_config.json").read_text())
+    (cut / "samples.jsonl").write_text("".join(clean_lines[:5]) + clean_lines[5][:30])
+    asked = []
+    res = run_pope(splits, data["images"], cut, lambda i, p: asked.extend(p) or fake_answer(i, p), batch_size=4)
+    assert len(asked) == len(clean_lines) - 5  # only the unfinished samples were generated
+    assert _records(cut) == _records(tmp_path / "clean")
+    assert res["splits"] == load_results(tmp_path / "clean")["splits"]
+
+
 def test_generate_fn_with_wrong_count_is_an_error(data, tmp_path):
     splits = _pope_splits(data, n_images=2)
     with pytest.raises(DataError, match="returned 1 texts for 2 prompts"):
@@ -259,6 +289,41 @@ def test_chair_captioning_run_resume_and_html(data, tmp_path):
         assert h["category"] not in rec["ground_truth"]
 
 
+def test_chair_crash_mid_batch_resumes_only_unfinished(data, tmp_path):
+    # one image of the second batch is missing: its error record is written before the
+    # model crashes on that batch; the restart generates only the two unfinished images
+    gt = load_ground_truth(data["ann_dir"])
+    samples = image_samples(data["images"], gt, n=6, seed=3)
+    samples[4].image_path.unlink()
+    clean = run_chair(samples, gt, tmp_path / "clean", fake_caption, batch_size=3)
+    with pytest.raises(Interrupt):
+        run_chair(samples, gt, tmp_path / "cut", interrupting(fake_caption, 1), batch_size=3)
+    partial = _records(tmp_path / "cut")
+    assert [r["key"] for r in partial] == [s.key for s in samples[:3]] + [samples[4].key]
+    asked = []
+    resumed = run_chair(samples, gt, tmp_path / "cut", lambda i, p: asked.extend(p) or fake_caption(i, p), batch_size=3)
+    assert len(asked) == 2
+    assert _records(tmp_path / "cut") == _records(tmp_path / "clean")
+    assert resumed["metrics"] == clean["metrics"] and resumed["n_errors"] == 1
+
+
+def test_chair_resume_with_other_settings_or_captions_is_refused(data, tmp_path):
+    gt = load_ground_truth(data["root"] / "gt.json")
+    samples = image_samples(data["images"], gt, n=3, seed=0)
+    run_chair(samples, gt, tmp_path / "run", fake_caption, normalizer="lemma")
+    with pytest.raises(ConfigError, match="different settings .*normalizer"):
+        run_chair(samples, gt, tmp_path / "run", fake_caption, normalizer="plural")
+    reworded = image_samples(data["images"], gt, n=3, seed=0, prompt="Describe the image.")
+    with pytest.raises(ConfigError, match="made from different input \\(prompt"):
+        run_chair(reworded, gt, tmp_path / "run", fake_caption)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": 1, "caption": "A dog."}) + "\n")
+    run_chair(caption_samples(caps, gt), gt, tmp_path / "scored")
+    caps.write_text(json.dumps({"image_id": 1, "caption": "A cat."}) + "\n")  # same key "0"
+    with pytest.raises(ConfigError, match="made from different input \\(caption"):
+        run_chair(caption_samples(caps, gt), gt, tmp_path / "scored")
+
+
 def test_chair_unknown_image_ids_become_error_records(data, tmp_path):
     gt = load_ground_truth(data["root"] / "gt.json")
     Image.new("RGB", (4, 4)).save(data["images"] / "holiday.png")  # no id in the name
@@ -289,6 +354,13 @@ def test_cli_pope_build_and_questions(data, tmp_path, capsys):
     assert list(res["splits"]) == ["popular"] and res["splits"]["popular"]["count"] == 24
     assert len(load_questions(out / "questions_popular.jsonl")) == 24
     assert "| popular |" in capsys.readouterr().out
+    meta = res["metadata"]  # self-describing: versions, git hash, seed, device
+    assert {"vlmfix", "transformers", "torch", "accelerate", "pycocotools"} <= set(meta["versions"])
+    assert meta["seed"] == 0 and "git" in meta and "device" in meta
+    report = (out / "report.md").read_text()
+    assert "**versions**" in report and "**seed**" in report
+    if meta["git"]:
+        assert meta["git"] in report
     # the same questions through --questions and a preset give the same numbers
     qfile = write_questions(load_questions(out / "questions_popular.jsonl"), tmp_path / "coco_pope_popular.jsonl")
     out2 = tmp_path / "from_file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,10 @@ def test_shipped_variants_resolve():
         path = tb.model_path(v)
         assert (path / "model.safetensors").stat().st_size < 10_000_000
         assert (path / "tokenizer.json").is_file() and (path / "processor_config.json").is_file()
+
+
+def test_installed_package_stays_under_25_mb():
+    # what setuptools ships: every file of the vlmfix package, weights and examples included
+    root = Path(tb.__file__).resolve().parents[1]
+    files = [f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+    assert sum(f.stat().st_size for f in files) <= 25_000_000

@@ -75,6 +75,28 @@ def test_processor_loads_offline_and_expands_image_to_model_features(saved):
     assert torch.equal(enc["pixel_values"], normalize(scenes.render(batch)))
 
 
+def test_processor_round_trips_through_save_and_autoprocessor(saved):
+    # save_pretrained -> AutoProcessor.from_pretrained gives back the same processor:
+    # same tokens, padding side, chat template, pixels and decoded text
+    from transformers import AutoProcessor
+
+    built, loaded = build_processor(), AutoProcessor.from_pretrained(saved)
+    assert type(loaded) is type(built)
+    assert loaded.tokenizer.get_vocab() == built.tokenizer.get_vocab()
+    assert loaded.tokenizer.padding_side == built.tokenizer.padding_side == "left"
+    prompts = ["describe the image.", "is there a Cat in the image? answer the question using a single word or phrase."]
+    texts = [prompt_text(p_, q) for p_ in (built, loaded) for q in prompts]
+    assert texts[:2] == texts[2:]
+    images = scenes.to_pil(scenes.render(scenes.sample(5, range(2), kind="adversarial")))
+    a = built(text=texts[:2], images=images, return_tensors="pt", padding=True)
+    b = loaded(text=texts[2:], images=images, return_tensors="pt", padding=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ids = a["input_ids"][1].tolist()
+    assert loaded.decode(ids, skip_special_tokens=True) == built.decode(ids, skip_special_tokens=True)
+
+
 def test_model_is_small_llava_with_sdpa(saved):
     from transformers import LlavaForConditionalGeneration
 

@@ -115,7 +115,7 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
     methods = results.get("methods") or []
     lines.append(f"- **methods**: `{json.dumps(methods, default=str)}`")
     meta = results.get("metadata", {})
-    for key in ("versions", "git_hash", "device"):
+    for key in ("versions", "git", "device", "seed"):
         if key in meta:
             lines.append(f"- **{key}**: `{json.dumps(meta[key], default=str)}`")
     if results.get("task") == "chair":

@@ -87,7 +87,9 @@ def dist_context() -> DistContext:
 
     Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) this uses
     :class:`accelerate.PartialState` (gloo on CPU-only hosts); a plain process gets
-    rank 0 of 1 without importing torch.
+    rank 0 of 1 without importing torch. On a CPU-only host, launch with
+    ``accelerate launch --multi_gpu --num_processes N``: accelerate 1.15's ``--cpu``
+    path starts a single process unless it goes through ``mpirun``.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistContext()
@@ -143,6 +145,29 @@ def _existing_records(out: Path) -> dict[str, dict]:
                 if "key" in rec:
                     recs.setdefault(rec["key"], rec)
     return recs
+
+
+def _check_same_inputs(out: Path, samples: Sequence[Sample], done: dict[str, dict]) -> None:
+    """Refuse to reuse a stored record whose inputs differ from this run's sample.
+
+    Keys alone do not identify the work (POPE question ids restart at 1 in every file, a
+    captions file is keyed by line number), so resuming with another question file, seed
+    or captions file would otherwise score old answers against new labels.
+    """
+    for s in samples:
+        rec = done.get(s.key)
+        if rec is None:
+            continue
+        want = json.loads(json.dumps(s.meta, default=str))
+        if s.text is None and s.error is None and "prompt" in rec:
+            want["prompt"] = s.prompt
+        for name, value in want.items():
+            if rec.get(name) != value:
+                raise ConfigError(
+                    f"{out} already holds a record for sample {s.key!r} made from different input "
+                    f"({name}: stored {rec.get(name)!r}, now {value!r}); resume with the same "
+                    "questions / captions / seed, or choose a new --out folder"
+                )
 
 
 def _load_image(path: Path):
@@ -201,6 +226,7 @@ def run_samples(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = _existing_records(out)
+    _check_same_inputs(out, samples, done)
     mine = [s for i, s in enumerate(samples) if i % ctx.world_size == ctx.rank and s.key not in done]
     if done:
         logger.info("resuming: %d of %d samples already done", len(done.keys() & set(keys)), len(keys))

@@ -59,7 +59,8 @@ def caption_samples(captions_file: str | os.PathLike, gt: GroundTruth) -> list[S
         ref_path = next((rec[k] for k in _PATH_KEYS if k in rec), None)
         if "image_id" not in rec and ref_path is None:
             raise DataError(f"{where}: needs 'image_id' or an image 'path'")
-        meta: dict[str, Any] = {"image_id": rec.get("image_id"), "image": ref_path}
+        # The caption is part of the sample's identity: resuming with another file is refused.
+        meta: dict[str, Any] = {"image_id": rec.get("image_id"), "image": ref_path, "caption": rec[text_key]}
         error = None
         try:
             meta["image_id"] = gt.resolve(rec.get("image_id"), ref_path)

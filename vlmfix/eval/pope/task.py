@@ -80,7 +80,15 @@ def run_pope(
     samples = [
         Sample(
             key=f"{split}/{q.question_id}",
-            meta={"split": split, "question_id": q.question_id, "image": q.image, "question": q.text, "label": q.label},
+            meta={
+                "split": split,
+                "question_id": q.question_id,
+                "image": q.image,
+                "question": q.text,
+                "label": q.label,
+                # scored answers are part of the sample's identity (resume checks it)
+                **({"answer": answers[split][q.question_id]} if answers is not None else {}),
+            },
             image_path=images / q.image if answers is None else None,
             prompt=apply_template(template, q.text),
             text=answers[split][q.question_id] if answers is not None else None,
