@@ -53,14 +53,25 @@ _CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer():
-    """A word-level fast tokenizer with LLaVA's special tokens (``<image>`` included)."""
+def build_tiny_tokenizer(video_token: bool = False):
+    """A word-level fast tokenizer with LLaVA's special tokens (``<image>`` included).
+
+    Args:
+        video_token: also define ``<video>`` (appended after the words, so the other ids
+            do not move). Processors with a video modality (LLaVA-OneVision) need it: they
+            count video tokens in every prompt, and an undefined ``<video>`` resolves to
+            ``<unk>``, so any out-of-vocabulary word would count as a video token.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
     for word in _WORDS:
         vocab.setdefault(word, len(vocab))
+    special = {"image_token": "<image>"}
+    if video_token:
+        vocab["<video>"] = len(vocab)
+        special["video_token"] = "<video>"
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(
@@ -72,7 +83,7 @@ def build_tiny_tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=special,
         padding_side="left",
     )
     return fast
@@ -168,7 +179,7 @@ def build_tiny(
 
     if family not in TINY_FAMILIES:
         raise UnsupportedModelError(f"family={family!r} is not a tiny model family; choose one of {TINY_FAMILIES}")
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(video_token=family == "llava_onevision")
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = _vision_config(family)
     text = _text_config(family, vocab_size=len(tokenizer))
@@ -221,6 +232,7 @@ def build_tiny(
                 vision_config=vision,
                 text_config=text,
                 image_token_id=image_token_id,
+                video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
                 image_grid_pinpoints=_PINPOINTS,
                 vision_feature_layer=-1,
                 vision_feature_select_strategy="full",

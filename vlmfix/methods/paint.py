@@ -4,9 +4,11 @@ Two sets of image tokens are found from the vision tower's own attention:
 
 * **local tokens**: the top ``local_fraction`` (25%) of each image's tokens by the ViT's
   attention at its *first* layer;
-* **summary tokens**: the outliers of the ViT's attention at its *penultimate* layer
-  (score > mean + ``summary_sigma`` * std over the image's tokens, ``summary_sigma = 2``).
-  A token that is both is treated as a summary token.
+* **summary tokens**: the outliers of the ViT's attention at its *penultimate* layer over
+  the image's tokens. Default ``summary_rule="iqr"``, the released code's rule: score >
+  Q3 + ``summary_iqr`` * (Q3 - Q1), ``summary_iqr = 1.5`` (linear-interpolated quartiles);
+  ``summary_rule="sigma"``: score > mean + ``summary_sigma`` * std (population std).
+  A token that is both is treated as a summary token (as in the released code).
 
 The ViT attention of a token is the CLS row's attention to it (head-averaged) when the tower
 has a CLS token (CLIP). SigLIP (LLaVA-OneVision) has none; there the score is the mean
@@ -49,6 +51,7 @@ __all__ = ["PAINT", "PAINTRuntime", "LOCAL", "SUMMARY"]
 logger = logging.getLogger(__name__)
 
 LOCAL, SUMMARY = 1, 2
+SUMMARY_RULES = ("iqr", "sigma")
 
 
 @register
@@ -61,8 +64,11 @@ class PAINT(MethodConfig):
         beta: boost of summary tokens.
         local_fraction: share of each image's tokens that are local (top by first-layer
             ViT attention).
-        summary_sigma: summary tokens score above mean + ``summary_sigma`` * std at the
-            penultimate ViT layer.
+        summary_rule: how summary tokens are found at the penultimate ViT layer:
+            ``"iqr"`` (released code: score > Q3 + ``summary_iqr`` * IQR) or ``"sigma"``
+            (score > mean + ``summary_sigma`` * std).
+        summary_iqr: IQR multiplier of the ``"iqr"`` rule.
+        summary_sigma: std multiplier of the ``"sigma"`` rule.
         head_sensitivity: scale each head's boost by its measured visual sensitivity
             (False: every head gets the full boost).
         start_layer, end_layer, layers: edited LM layers, as in :class:`~vlmfix.PAI`.
@@ -78,7 +84,9 @@ class PAINT(MethodConfig):
     alpha: float = help_field(0.7, "boost of local tokens: z + s*alpha*|z|")
     beta: float = help_field(0.3, "boost of summary tokens: z + s*beta*|z|")
     local_fraction: float = help_field(0.25, "share of image tokens that are local (top first-layer ViT attention)")
-    summary_sigma: float = help_field(2.0, "summary tokens: penultimate-layer ViT attention > mean + sigma*std")
+    summary_rule: str = help_field("iqr", "summary-token outlier rule: 'iqr' (Q3 + k*IQR, released code) or 'sigma'")
+    summary_iqr: float = help_field(1.5, "'iqr' rule: penultimate-layer ViT attention > Q3 + summary_iqr * (Q3 - Q1)")
+    summary_sigma: float = help_field(2.0, "'sigma' rule: penultimate-layer ViT attention > mean + sigma*std")
     head_sensitivity: bool = help_field(True, "scale the boost per head by its measured visual sensitivity")
     start_layer: int = help_field(2, "first edited decoder layer")
     end_layer: int = help_field(0, "one past the last edited layer; <= 0 counts from the depth (0 = last layer)")
@@ -93,6 +101,8 @@ class PAINT(MethodConfig):
             "local_fraction",
             "a number in [0, 1]",
         )
+        self._check(self.summary_rule in SUMMARY_RULES, "summary_rule", f"one of {SUMMARY_RULES}")
+        self._check(isinstance(self.summary_iqr, num) and self.summary_iqr >= 0, "summary_iqr", "a number >= 0")
         self._check(isinstance(self.summary_sigma, num) and self.summary_sigma >= 0, "summary_sigma", "a number >= 0")
         self._check(isinstance(self.head_sensitivity, bool), "head_sensitivity", "True or False")
         check_layer_fields(self)
@@ -228,8 +238,12 @@ class PAINTRuntime(Method):
         if k:
             idx = torch.where(valid, first, torch.full_like(first, float("-inf"))).topk(k).indices
             out[idx] = LOCAL
-        v = penult[valid]
-        thr = v.mean() + self.config.summary_sigma * v.std(correction=0)
+        v = penult[valid].float()
+        if self.config.summary_rule == "iqr":
+            q1, q3 = torch.quantile(v, 0.25), torch.quantile(v, 0.75)
+            thr = q3 + self.config.summary_iqr * (q3 - q1)
+        else:
+            thr = v.mean() + self.config.summary_sigma * v.std(correction=0)
         out[valid & (penult > thr)] = SUMMARY
         return out
 

@@ -36,9 +36,10 @@ from vlmfix.methods import register
 from vlmfix.methods._attn_utils import check_layer_fields, layer_set, query_positions, rms_normalise
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
-__all__ = ["VAR", "VARRuntime", "KNOWN_SINK_DIMS", "known_sink_dims"]
+__all__ = ["VAR", "VARRuntime", "KNOWN_SINK_DIMS", "known_sink_dims", "scaled_tau"]
 
 logger = logging.getLogger(__name__)
+_WARNED_TAU: set[tuple[float, int]] = set()
 
 RMS_EPS = 1e-6  # the released code's eps; tau was calibrated with it
 
@@ -57,6 +58,21 @@ def known_sink_dims(text_config) -> tuple[int, ...]:
         int(getattr(text_config, "num_hidden_layers", 0)),
     )
     return KNOWN_SINK_DIMS.get(key, ())
+
+
+def scaled_tau(hidden_size: int, tau: float = 20.0) -> float:
+    """``tau`` rescaled to a hidden size: ``tau * sqrt(hidden_size / 4096)``.
+
+    ``|RMSNorm(x)[d]| <= sqrt(hidden_size)``, so the paper's ``tau = 20`` (LLaMA-2-7B, hidden
+    4096) can never fire below hidden 400. This keeps ``tau``'s share of that bound. It is
+    a suggestion for small LMs (printed in VAR's attach warning), never applied by itself:
+    massive activations come from training, not from the width.
+
+    Example:
+        >>> round(scaled_tau(256), 2)
+        5.0
+    """
+    return tau * (hidden_size / 4096) ** 0.5
 
 
 @register
@@ -142,14 +158,20 @@ class VARRuntime(Method):
             from vlmfix.errors import ConfigError
 
             raise ConfigError(f"var: dims={self.fixed_dims!r} has {bad} >= hidden_size {hidden}; pass dims below it")
-        if c.tau >= hidden**0.5:
+        if c.tau >= hidden**0.5 and (c.tau, hidden) not in _WARNED_TAU:
+            _WARNED_TAU.add((c.tau, hidden))  # once per process: generate() attaches per batch
             # |RMSNorm(x)[d]| <= sqrt(hidden) for every token: no sink can ever be found.
+            # tau stays as given (a silent rescale would hide that the paper's value is
+            # meaningless here); the message suggests tau at the 7B model's share of the
+            # bound (20 / sqrt(4096)), a starting point, not a calibrated value.
             logger.warning(
                 "var: tau=%s can never be exceeded with hidden_size=%d (|RMSNorm(x)[d]| <= %.1f); "
-                "no sinks will be found: pass a smaller tau for this model",
+                "no sinks will be found and VAR changes nothing (stats report 0 sinks per layer): "
+                "pass a smaller tau for this model, e.g. tau=%.1f (20 * sqrt(hidden_size / 4096))",
                 c.tau,
                 hidden,
                 hidden**0.5,
+                scaled_tau(hidden),
             )
         layers = handle.adapter.decoder_layers(handle.model)
         for idx in sorted(self.layers):
@@ -221,7 +243,9 @@ class VARRuntime(Method):
             P_img = (probs * image[:, None, None, :]).sum(-1)  # [B, H, Tq]
             P_sink = (probs * vsink[:, None, None, :]).sum(-1)
             P_rest = P_img - P_sink
-            rows = (P_img >= min_mass) & (P_sink <= rho * P_img) & (P_rest > 0) & after[:, None, :]
+            # P_sink > 0: a row without visual sinks has nothing to move (its factors are
+            # all 1), so it is not counted as redistributed.
+            rows = (P_img >= min_mass) & (P_sink > 0) & (P_sink <= rho * P_img) & (P_rest > 0) & after[:, None, :]
             self._rows_total += int(after.sum()) * probs.shape[1]
             self._rows_selected += int(rows.sum())
             boost = 1 + (1 - p) * P_sink / P_rest.clamp_min(torch.finfo(probs.dtype).tiny)
