@@ -219,13 +219,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab20")
     for ax, key, title in (
         (axes[0], "partner_rate", "partner hallucination rate (adversarial captions)"),
         (axes[1], "pope_adversarial_acc", "POPE adversarial accuracy"),
     ):
         for j, m in enumerate(methods):
             vals = [next((r[key] for r in rows if r["variant"] == v and r["method"] == m), 0.0) for v in variants]
-            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=m)
+            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=m, color=colours(j % 20))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
         ax.set_title(title)
         ax.set_ylim(0, 1)
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         help="method specs (NAME, NAME:KEY=VAL,..., A+B to compose); default: every registered method",
     )
     parser.add_argument("--append", action="store_true", help="add rows to an existing rows.json instead of replacing")
+    parser.add_argument("--from-rows", action="store_true", help="only rebuild the table and plot from rows.json")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -264,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    if args.from_rows:
+        args.append, variants, methods = True, [], []
     with tempfile.TemporaryDirectory() as tmp:
-        splits = _write_splits(Path(tmp) / "scenes", args.n, args.seed)
+        splits = _write_splits(Path(tmp) / "scenes", args.n, args.seed) if variants else {}
         for variant in variants:
             rows += evaluate(
                 variant, methods, splits, Path(tmp) / "runs", n=args.n, seed=args.seed,
@@ -275,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         new_keys = {(r["variant"], r["method"]) for r in rows}
         old_rows = json.loads((out / "rows.json").read_text())
         rows = [r for r in old_rows if (r["variant"], r["method"]) not in new_keys] + rows
-        rows.sort(key=lambda r: (r["variant"], r["method"] != "baseline", r["method"]))
+        order = {v: i for i, v in enumerate(testbed.VARIANTS)}
+        rows.sort(
+            key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["method"] != "baseline", r["method"])
+        )
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / "results.png")
     table = markdown_table(rows)
