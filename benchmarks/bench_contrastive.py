@@ -36,7 +36,7 @@ import vlmfix
 from vlmfix.branches import contrast
 from vlmfix.generation import prepare_inputs
 from vlmfix.methods.vcd import diffusion_noise
-from vlmfix.testing import build_tiny, build_tiny_tokenizer
+from vlmfix.testing import LLAVA15_CHAT_TEMPLATE, build_tiny, build_tiny_tokenizer
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -106,7 +106,7 @@ def build_llava_7b(device):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=build_tiny("llava")[1].chat_template,  # LLaVA-1.5's conversation format
+            chat_template=LLAVA15_CHAT_TEMPLATE,  # LLaVA-1.5's conversation format
         )
     model.generation_config.pad_token_id = 0
     return model, processor

@@ -19,7 +19,7 @@ import torch
 
 from vlmfix.errors import UnsupportedModelError
 
-__all__ = ["TINY_FAMILIES", "build_tiny", "build_tiny_tokenizer"]
+__all__ = ["TINY_FAMILIES", "LLAVA15_CHAT_TEMPLATE", "build_tiny", "build_tiny_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _WORDS = (
 _SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
 # LLaVA-1.5's conversation format, written as a Jinja chat template.
-_CHAT_TEMPLATE = (
+LLAVA15_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] if message['content'] is not string else message['content'] }} "
     "{% elif message['role'] == 'user' %}USER: "
@@ -267,7 +267,7 @@ def build_tiny(
             image_processor=image_processor,
             tokenizer=tokenizer,
             patch_size=8,
-            chat_template=_CHAT_TEMPLATE,
+            chat_template=LLAVA15_CHAT_TEMPLATE,
             **extra,
         )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
