@@ -169,3 +169,24 @@ def test_unknown_method_is_a_clear_error(tmp_path, capsys):
 def test_missing_path_is_a_clear_error(tmp_path, capsys):
     assert _run([str(tmp_path / "nope"), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_methods_output_piped_into_head_exits_cleanly(tmp_path, monkeypatch):
+    class ClosedPipe:
+        """stdout whose reader went away (like `vlmfix methods | head -1`)."""
+
+        def __init__(self, fd):
+            self.fd = fd
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd
+
+    with open(tmp_path / "out", "w") as fh:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(fh.fileno()))
+        assert main(["methods"]) == 0
