@@ -41,6 +41,19 @@ from vlmfix.testing import LLAVA15_CHAT_TEMPLATE, build_tiny, build_tiny_tokeniz
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
+def instantiate_fp16(model_cls, config, device):
+    """Build ``model_cls(config)`` with sdpa, directly in fp16 on ``device`` (no fp32 copy)."""
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
 def build_llava_7b(device):
     """Random LLaVA-1.5-7B (fp16, sdpa) with a word-level tokenizer and a 336px CLIP processor."""
     from transformers import (
@@ -84,15 +97,7 @@ def build_llava_7b(device):
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.eval()
+    model = instantiate_fp16(LlavaForConditionalGeneration, config, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = LlavaProcessor(

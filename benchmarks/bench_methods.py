@@ -56,14 +56,7 @@ def build_llava_next_7b(device):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = LlavaNextForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = bc.instantiate_fp16(LlavaNextForConditionalGeneration, config, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = LlavaNextProcessor(
@@ -81,7 +74,7 @@ def build_llava_next_7b(device):
             chat_template=LLAVA15_CHAT_TEMPLATE,
         )
     model.generation_config.pad_token_id = 0
-    return model.eval(), processor
+    return model, processor
 
 
 def _summary(stats: dict) -> str:
