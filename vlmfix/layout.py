@@ -52,6 +52,8 @@ class Layout:
         prompt_length: ``L`` at prefill; positions ``>= prompt_length`` were generated.
         unresolved: ``(b, start, end)`` image runs whose any-res parts are not known yet
             (see :func:`resolve_parts_from_embeddings`).
+        has_image: whether any sample holds an image token (known on the host, so methods
+            can skip work without a device sync).
     """
 
     labels: torch.Tensor
@@ -60,6 +62,7 @@ class Layout:
     image_end: torch.Tensor
     prompt_length: int
     unresolved: tuple = ()
+    has_image: bool = True
 
     @property
     def batch_size(self) -> int:
@@ -204,6 +207,7 @@ def build_layout(
         image_end=ends.to(device),
         prompt_length=input_ids.shape[1],
         unresolved=tuple(unresolved),
+        has_image=any(any(row) for row in flags),
     )
 
 

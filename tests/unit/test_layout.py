@@ -113,3 +113,12 @@ def test_mismatched_count_falls_back_to_base(caplog):
     lay = build_layout(model.config, get_adapter(model), ids, None, torch.tensor([[40, 50]]))
     assert (lay.parts[0, 2:25] == Part.BASE).all()
     assert "do not match" in caplog.text
+
+
+def test_has_image_is_known_on_the_host():
+    model, _ = tiny("llava")
+    adapter = get_adapter(model)
+    text_only = build_layout(model.config, adapter, torch.tensor([[1, 5, 6, 7]]))
+    with_image = build_layout(model.config, adapter, torch.tensor([[1, model.config.image_token_id, 6]]))
+    assert text_only.has_image is False and not text_only.image_mask.any()
+    assert with_image.has_image is True and with_image.extend(2).has_image is True

@@ -86,10 +86,11 @@ class PAIRuntime(Method):
             return None
         image = call.layout.image_mask.to(call.query.device)  # [B, Tk]
         rows = query_positions(call) >= self.tracker.last_prompt_row(call)  # [Tq]
-        if not bool(rows.any()) or not bool(image.any()):
+        if not bool(rows.any()) or not call.layout.has_image:  # host-side checks: no device sync
             return None
         self._calls += 1
-        self._rows += int(rows.sum()) * call.num_heads * int(image.any(-1).sum())
+        # accumulated on the device; read (one sync) only in stats()
+        self._rows = self._rows + int(rows.sum()) * call.num_heads * image.any(-1).sum()
         edit = rows[None, None, :, None] & image[:, None, None, :]  # [B, 1, Tq, Tk]
         alpha = float(self.config.alpha)
 
@@ -99,4 +100,4 @@ class PAIRuntime(Method):
         return amplify
 
     def stats(self) -> dict[str, Any]:
-        return {"layers": sorted(self.layers), "rows_touched": self._rows, "calls_edited": self._calls}
+        return {"layers": sorted(self.layers), "rows_touched": int(self._rows), "calls_edited": self._calls}

@@ -268,7 +268,8 @@ class PAINTRuntime(Method):
         measure = c.head_sensitivity and self.tracker.new_sequence and call.is_prefill and layer not in self._sens
         image = call.layout.image_mask.to(dev)
         visible = ~call.layout.pad_mask.to(dev)
-        self._rows += int(rows.sum()) * call.num_heads * int((classes > 0).any(-1).sum())
+        # accumulated on the device; read (one sync) only in stats()
+        self._rows = self._rows + int(rows.sum()) * call.num_heads * (classes > 0).any(-1).sum()
 
         def amplify(scores: torch.Tensor) -> torch.Tensor:
             if measure:
@@ -293,7 +294,7 @@ class PAINTRuntime(Method):
             "local_tokens": self._counts["local"],
             "summary_tokens": self._counts["summary"],
             "image_tokens": self._counts["image"],
-            "rows_touched": self._rows,
+            "rows_touched": int(self._rows),
             "cls_scores": self._has_cls if self.handle is not None else None,
         }
 

@@ -141,7 +141,7 @@ class VARRuntime(Method):
         self.fixed_dims: tuple[int, ...] = ()
         self._rows_total = 0
         self._rows_selected = 0
-        self._sinks: dict[int, int] = {}
+        self._sinks: dict[int, torch.Tensor] = {}
         self._dims_seen: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ setup
@@ -235,7 +235,7 @@ class VARRuntime(Method):
         end = layout.image_end.to(dev)
         after = (query_positions(call)[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
         if call.is_prefill or call.layer_idx not in self._sinks:
-            self._sinks[call.layer_idx] = int(vsink.sum())
+            self._sinks[call.layer_idx] = vsink.sum()  # a device tensor: read in stats()
         c = self.config
         p, rho, min_mass = float(c.p), float(c.rho), float(c.min_image_mass)
 
@@ -246,8 +246,9 @@ class VARRuntime(Method):
             # P_sink > 0: a row without visual sinks has nothing to move (its factors are
             # all 1), so it is not counted as redistributed.
             rows = (P_img >= min_mass) & (P_sink > 0) & (P_sink <= rho * P_img) & (P_rest > 0) & after[:, None, :]
-            self._rows_total += int(after.sum()) * probs.shape[1]
-            self._rows_selected += int(rows.sum())
+            # device-side counters: no host sync per layer; stats() reads them once
+            self._rows_total = self._rows_total + after.sum() * probs.shape[1]
+            self._rows_selected = self._rows_selected + rows.sum()
             boost = 1 + (1 - p) * P_sink / P_rest.clamp_min(torch.finfo(probs.dtype).tiny)
             factor = torch.where(
                 vsink[:, None, None, :],
@@ -259,13 +260,13 @@ class VARRuntime(Method):
         return redistribute
 
     def stats(self) -> dict[str, Any]:
-        total = self._rows_total
+        total, selected = int(self._rows_total), int(self._rows_selected)
         return {
             "layers": sorted(self.layers),
             "dims": {str(k): v for k, v in sorted(self._dims_seen.items())},
             "dims_source": "config" if self.config.dims else ("table" if self.fixed_dims else "discovered"),
-            "sinks_per_layer": {str(k): v for k, v in sorted(self._sinks.items())},
+            "sinks_per_layer": {str(k): int(v) for k, v in sorted(self._sinks.items())},
             "rows_considered": total,
-            "rows_redistributed": self._rows_selected,
-            "rows_redistributed_fraction": self._rows_selected / total if total else 0.0,
+            "rows_redistributed": selected,
+            "rows_redistributed_fraction": selected / total if total else 0.0,
         }
