@@ -16,7 +16,7 @@ from typing import Any
 
 from vlmfix.errors import DataError
 
-__all__ = ["JsonlWriter", "read_jsonl", "repair_jsonl", "done_keys"]
+__all__ = ["JsonlWriter", "read_json", "read_jsonl", "repair_jsonl", "done_keys"]
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:
@@ -47,6 +47,22 @@ def repair_jsonl(path: str | os.PathLike) -> int:
         with open(path, "r+b") as fh:
             fh.truncate(keep)
     return removed
+
+
+def read_json(path: str | os.PathLike, *, missing: str | None = None) -> Any:
+    """Read one JSON document.
+
+    Raises:
+        DataError: the file does not exist (``missing`` is the message, if given) or is
+            not valid JSON (naming the file and the parser's complaint).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing or f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> Iterator[dict[str, Any]]:

@@ -404,6 +404,17 @@ def _stock(model, processor, images, prompts):
 SINK_TAU = 2.0  # the tiny LMs have no massive activations; a low tau makes sinks exist
 
 
+def _case_reference(name, model, inputs):
+    """The configs of case ``name`` and the naive reference's greedy tokens and logits."""
+    cfgs, ref, hooks = _case(name, model, inputs)
+    try:
+        ref_tokens, ref_logits = naive_generate(model, inputs, ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    return cfgs, ref_tokens, ref_logits
+
+
 def _case(name, model, inputs):
     """(vlmfix configs, naive ref) for one named case."""
     ref = Ref(model, inputs)
@@ -455,12 +466,7 @@ NAIVE_GRID += [("llava", c, 1) for c in CASES]
 @pytest.mark.parametrize("family, case, n", NAIVE_GRID)
 def test_matches_naive(family, case, n):
     model, processor, images, prompts, inputs = _batch(family, n)
-    cfgs, ref, hooks = _case(case, model, inputs)
-    try:
-        ref_tokens, ref_logits = naive_generate(model, inputs, ref)
-    finally:
-        for h in hooks:
-            h.remove()
+    cfgs, ref_tokens, ref_logits = _case_reference(case, model, inputs)
     out = vlmfix.generate(model, processor, images, prompts, methods=cfgs, max_new_tokens=STEPS, return_scores=True)
     _compare(out, ref_tokens, ref_logits)
     # the edit did something: otherwise the comparison proves little
@@ -514,12 +520,7 @@ def test_half_precision_matches_naive(dtype, case):
     imgs = make_images(3)
     images, prompts = imgs, PROMPTS[:3]
     inputs = prepare_inputs(processor, images, prompts, dtype=dtype)
-    cfgs, ref, hooks = _case(case, model, inputs)
-    try:
-        ref_tokens, ref_logits = naive_generate(model, inputs, ref)
-    finally:
-        for h in hooks:
-            h.remove()
+    cfgs, ref_tokens, ref_logits = _case_reference(case, model, inputs)
     out = vlmfix.generate(model, processor, images, prompts, methods=cfgs, max_new_tokens=STEPS, return_scores=True)
     # the first step has no earlier token that a half-precision tie could flip
     for i in range(3):

@@ -53,3 +53,17 @@ def test_serialises_tensors_and_paths(tmp_path):
         w.write({"t": torch.tensor([1, 2]), "s": torch.tensor(3.5), "p": tmp_path})
     rec = json.loads(p.read_text())
     assert rec["t"] == [1, 2] and rec["s"] == 3.5 and rec["p"] == str(tmp_path)
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    from vlmfix.io import read_json
+
+    good = tmp_path / "g.json"
+    good.write_text('{"a": [1]}')
+    assert read_json(good) == {"a": [1]}
+    bad = tmp_path / "b.json"
+    bad.write_text("{oops")
+    with pytest.raises(DataError, match=r"b.json: not valid JSON"):
+        read_json(bad)
+    with pytest.raises(DataError, match="custom message"):
+        read_json(tmp_path / "none.json", missing="custom message")

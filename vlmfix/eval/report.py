@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import DataError
+from vlmfix.io import read_json
 
 __all__ = [
     "write_results",
@@ -48,13 +49,9 @@ def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
 
 def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read a run folder's ``results.json``."""
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise DataError(f"{run_dir}: no {RESULTS_FILE}; is this a vlmfix eval output folder?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(
+        Path(run_dir) / RESULTS_FILE, missing=f"{run_dir}: no {RESULTS_FILE}; is this a vlmfix eval output folder?"
+    )
 
 
 def run_label(results: dict[str, Any], fallback: str = "run") -> str:

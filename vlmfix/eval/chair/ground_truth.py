@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from vlmfix.errors import DataError
 from vlmfix.eval.chair.scorer import DEFAULT_NORMALIZER, categories_in, check_normalizer
 from vlmfix.eval.chair.vocab import COCO_CATEGORIES
+from vlmfix.io import read_json
 
 __all__ = ["GroundTruth", "load_ground_truth", "ground_truth_from_coco", "image_id_from_path"]
 
@@ -105,13 +105,7 @@ def load_ground_truth(source: str | os.PathLike, normalizer: str = DEFAULT_NORMA
                 "folder or a ground-truth JSON {image_id: [category, ...]}"
             )
         return ground_truth_from_coco(instances, captions, normalizer)
-    if not src.is_file():
-        raise DataError(f"ground truth {src} does not exist")
-    try:
-        with open(src, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except ValueError as exc:
-        raise DataError(f"{src}: not valid JSON ({exc})") from None
+    data = read_json(src, missing=f"ground truth {src} does not exist")
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         caps = src.with_name(src.name.replace("instances_", "captions_"))
         captions = [caps] if caps != src and caps.exists() else []
@@ -182,13 +176,7 @@ def ground_truth_from_coco(
 
 def _load_coco(coco_cls, path):
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"COCO annotation file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, missing=f"COCO annotation file {path} does not exist")
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{path}: not a COCO annotation file (needs 'images' and 'annotations')")
     coco = coco_cls()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.eval.pope.data import SPLITS, PopeQuestion
+from vlmfix.io import read_json
 
 __all__ = ["build_questions", "CocoObjects", "load_coco_objects"]
 
@@ -57,12 +57,7 @@ def load_coco_objects(instances_file: str | os.PathLike) -> CocoObjects:
     from pycocotools.coco import COCO  # lazy: only the builder needs it
 
     path = Path(instances_file)
-    if not path.is_file():
-        raise DataError(f"COCO instances file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, missing=f"COCO instances file {path} does not exist")
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise DataError(f"{path}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
     coco = COCO()
