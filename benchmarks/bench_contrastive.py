@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import vlmfix
+from vlmfix._compat import cache_kwarg
 from vlmfix.branches import contrast
 from vlmfix.generation import prepare_inputs
 from vlmfix.methods.vcd import diffusion_noise
@@ -143,16 +144,17 @@ def vcd_sequential(model, processor, images, prompts, new_tokens: int, seed: int
     mask = main["attention_mask"]
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     caches = [DynamicCache(config=model.config.get_text_config()) for _ in range(2)]
+    cache_kw = cache_kwarg(model)
     tokens, nxt = [], None
     for _ in range(new_tokens):
         if nxt is None:
             outs = [
-                model(**inp, position_ids=pos, past_key_values=c, logits_to_keep=1)
+                model(**inp, position_ids=pos, **{cache_kw: c}, logits_to_keep=1)
                 for inp, c in zip((main, noised), caches)
             ]
         else:
             outs = [
-                model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=c)
+                model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, -1:], **{cache_kw: c})
                 for c in caches
             ]
         logits = contrast(outs[0].logits[:, -1].float(), outs[1].logits[:, -1].float(), cfg.alpha, cfg.beta)

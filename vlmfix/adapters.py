@@ -156,7 +156,7 @@ def image_token_structure(model_config, adapter: Adapter, image_size, n_tokens: 
         return parts
     if image_size is None:
         return None
-    from transformers.image_processing_utils import select_best_resolution
+    from vlmfix._compat import select_best_resolution
 
     orig_h, orig_w = (int(x) for x in image_size)
     best_h, best_w = select_best_resolution((orig_h, orig_w), model_config.image_grid_pinpoints)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlmfix import attention
+from vlmfix import _compat, attention
 from vlmfix.adapters import get_adapter
 from vlmfix.errors import ConfigError, StateError
 from vlmfix.layout import Layout, build_layout, resolve_parts_from_embeddings
@@ -39,7 +39,7 @@ def _config_tree(config, prefix: str = ""):
 
 
 def _attn_snapshot(model) -> dict[str, Any]:
-    return {k: c._attn_implementation_internal for k, c in _config_tree(model.config)}
+    return {k: _compat.get_attn_impl(c) for k, c in _config_tree(model.config)}
 
 
 def active_handle(model) -> AttachHandle | None:
@@ -142,7 +142,7 @@ class AttachHandle:
         # set_attn_implementation may normalise values (e.g. None -> "sdpa"); write back the
         # exact snapshot so the configs are bit-for-bit what they were.
         for key, cfg in current.items():
-            cfg._attn_implementation_internal = self._attn_before[key]
+            _compat.set_attn_impl(cfg, self._attn_before[key])
 
     def __enter__(self) -> AttachHandle:
         return self
@@ -154,10 +154,8 @@ class AttachHandle:
     def _pre_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
+        # The phase comes from the cache's own length, whatever keyword carried it.
+        past = _compat.cache_length(_compat.cache_from_kwargs(kwargs))
         ctrl = self.controller
         if self._logit_methods and ctrl.rows is None and not self._warned_logits:
             self._warned_logits = True
@@ -180,12 +178,12 @@ class AttachHandle:
             else:
                 mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
                 ctrl.layout = build_layout(self.model.config, self.adapter, input_ids, mask, kwargs.get("image_sizes"))
-            ctrl.is_prefill = True
+            ctrl.begin_forward(is_prefill=True)
             ctrl.state.clear()
         else:
             n = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
             ctrl.layout = ctrl.layout.extend(n, attention_mask)
-            ctrl.is_prefill = False
+            ctrl.begin_forward(is_prefill=False)
         for m in self.methods:
             m.on_forward(self, kwargs)
         return None
@@ -204,8 +202,15 @@ class AttachHandle:
         return self.controller.layout
 
     def stats(self) -> dict[str, Any]:
-        """Telemetry of every method, keyed by method name."""
-        return {m.name: m.stats() for m in self.methods}
+        """Telemetry of every method, keyed by method name. Attention methods also report
+        ``edited_forwards``: how many prefill and decode forwards they edited."""
+        out = {}
+        for m in self.methods:
+            out[m.name] = m.stats()
+            if m.edits_attention:
+                counts = self.controller.edited_forwards.get(m.name, {"prefill": 0, "decode": 0})
+                out[m.name]["edited_forwards"] = dict(counts)
+        return out
 
 
 def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "reference") -> AttachHandle:

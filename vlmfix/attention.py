@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlmfix import _compat
 from vlmfix.kernels import reference
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ class AttentionCall:
 
     Attributes:
         layer_idx: decoder layer index.
-        layout: the batch layout, aligned with the keys (``layout.length == Tk``) when the
-            controller could align it, else None.
+        layout: the batch layout, aligned with the keys (``layout.length == Tk``; a
+            mismatch raises :class:`~vlmfix.errors.LayoutMismatchError`), or None when the
+            forward had no ``input_ids`` to build one from.
         q_len, k_len: query and key lengths.
         num_heads, num_kv_heads: head counts.
         controller: the controller (per-layer state lives in ``controller.state``).
@@ -84,6 +86,7 @@ class Controller:
         is_prefill: whether the forward in flight is a prefill.
         rows: inside :func:`vlmfix.generate`, the :class:`~vlmfix.branches.RowMap` of the
             batch (which rows are main rows, which are contrast branches); else None.
+        edited_forwards: per method, how many prefill and decode forwards it edited.
     """
 
     def __init__(self, model, adapter, methods, backend: str = "reference"):
@@ -110,6 +113,11 @@ class Controller:
         self.plain_causal = False
         self.rows = None
         self.num_layers = len(adapter.decoder_layers(model))
+        # method name -> {"prefill": n, "decode": n}: forwards in which the method edited
+        # at least one attention call (see _mark_edit).
+        self.edited_forwards: dict[str, dict[str, int]] = {}
+        self.forward_index = 0
+        self._last_marked: dict[str, int] = {}
         self._score = [m for m in self.methods if _overrides(m, "pre_softmax")]
         self._prob = [m for m in self.methods if _overrides(m, "post_softmax")]
         self._out = [m for m in self.methods if _overrides(m, "on_output")]
@@ -121,7 +129,15 @@ class Controller:
     def attend(self, module, query, key, value, attention_mask, scaling):
         layer_idx = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
-        layout = self.layout if self.layout is not None and self.layout.length == k_len else None
+        layout = self.layout
+        if layout is not None and layout.length != k_len:
+            from vlmfix.errors import LayoutMismatchError
+
+            raise LayoutMismatchError(
+                f"layer {layer_idx}: vlmfix tracks {layout.length} key positions but the attention call has "
+                f"{k_len} keys (q_len={q_len}); refusing to run it without the attached methods. This is a "
+                "vlmfix bug or an unsupported cache (fixed-capacity caches are not supported yet)."
+            )
         call = AttentionCall(
             layer_idx=layer_idx,
             layout=layout,
@@ -138,14 +154,40 @@ class Controller:
         )
         for m in self._calls:
             m.on_attention(call)
-        score_mods = [f for m in self._score if (f := m.pre_softmax(call)) is not None]
-        prob_mods = [f for m in self._prob if (f := m.post_softmax(call)) is not None]
+        score_mods, prob_mods = [], []
+        for m in self._score:
+            if (f := m.pre_softmax(call)) is not None:
+                score_mods.append(f)
+                self._mark_edit(m)
+        for m in self._prob:
+            if (f := m.post_softmax(call)) is not None:
+                prob_mods.append(f)
+                self._mark_edit(m)
         # Without padding the mask is plain causal: let sdpa pick a flash kernel.
         mask = None if self.plain_causal else reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
         out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
         for m in self._out:
-            out = m.on_output(call, out)
+            edited = m.on_output(call, out)
+            if edited is not out:
+                self._mark_edit(m)
+            out = edited
         return out.transpose(1, 2).contiguous(), None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def begin_forward(self, is_prefill: bool) -> None:
+        """Called by the attachment before every model forward (host-side only)."""
+        self.is_prefill = is_prefill
+        self.forward_index += 1
+
+    def _mark_edit(self, method) -> None:
+        # Counts forwards (not layers) in which a method edited at least one attention call,
+        # per phase; host-side integers only, so no device sync.
+        if self._last_marked.get(method.name) == self.forward_index:
+            return
+        self._last_marked[method.name] = self.forward_index
+        phase = "prefill" if self.is_prefill else "decode"
+        counts = self.edited_forwards.setdefault(method.name, {"prefill": 0, "decode": 0})
+        counts[phase] += 1
 
 
 def _overrides(obj, name: str) -> bool:
@@ -205,20 +247,14 @@ def vlmfix_mask(*args, **kwargs):
     """The mask function registered as ``"vlmfix"``: transformers' boolean sdpa mask,
     always materialised (never skipped in favour of ``is_causal``), so the attention
     function always knows exactly which keys each query may see."""
-    from transformers.masking_utils import sdpa_mask
-
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    return _compat.sdpa_bool_mask(*args, **kwargs)
 
 
 def register() -> None:
     """Register ``"vlmfix"`` with transformers (reference-counted)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     if _REGISTRATION["count"] == 0:
-        taken = ATTN_NAME in AttentionInterface._global_mapping
-        if taken and AttentionInterface._global_mapping[ATTN_NAME] is not vlmfix_attention:
+        current, _ = _compat.registered_attention(ATTN_NAME)
+        if current is not None and current is not vlmfix_attention:
             from vlmfix.errors import StateError
 
             raise StateError(
@@ -227,25 +263,17 @@ def register() -> None:
             )
         # A leftover registration of our own function is ours to remove too.
         _REGISTRATION["owned"] = True
-        AttentionInterface.register(ATTN_NAME, vlmfix_attention)
-        AttentionMaskInterface.register(ATTN_NAME, vlmfix_mask)
+        _compat.register_attention(ATTN_NAME, vlmfix_attention, vlmfix_mask)
     _REGISTRATION["count"] += 1
 
 
 def unregister() -> None:
     """Undo one :func:`register`; the last one removes what vlmfix added."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     _REGISTRATION["count"] = max(0, _REGISTRATION["count"] - 1)
     if _REGISTRATION["count"] == 0 and _REGISTRATION["owned"]:
-        AttentionInterface._global_mapping.pop(ATTN_NAME, None)
-        AttentionMaskInterface._global_mapping.pop(ATTN_NAME, None)
+        _compat.unregister_attention(ATTN_NAME)
         _REGISTRATION["owned"] = False
 
 
 def is_registered() -> bool:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    return ATTN_NAME in AttentionInterface._global_mapping or ATTN_NAME in AttentionMaskInterface._global_mapping
+    return any(f is not None for f in _compat.registered_attention(ATTN_NAME))

@@ -30,3 +30,12 @@ class DataError(VlmfixError, ValueError):
 
 class StateError(VlmfixError, RuntimeError):
     """An operation was used in the wrong state (e.g. removing a handle twice)."""
+
+
+class LayoutMismatchError(VlmfixError, RuntimeError):
+    """Internal: the token layout vlmfix tracks does not match the keys of an attention call.
+
+    Raised instead of running the call without the attached methods, which would silently
+    turn every method off. Seeing it is a vlmfix bug (or an unsupported cache): please
+    report it with the transformers version.
+    """

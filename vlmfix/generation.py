@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vlmfix import _compat
 from vlmfix.attachment import attach
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
@@ -379,6 +380,7 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
         hook = lm.register_forward_pre_hook(_embeds_hook(rows, edits, input_ids.shape[1]), with_kwargs=True)
 
     cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+    cache_kw = _compat.cache_kwarg(model)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
     generated, all_scores = [], []
@@ -389,9 +391,9 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
             kwargs = dict(attention_mask=seq_mask, use_cache=use_cache, logits_to_keep=1)
             if step == 0 or not use_cache:
                 kwargs.update(extra)
-                out = model(input_ids=seq_ids, position_ids=seq_pos, past_key_values=cache, **kwargs)
+                out = model(input_ids=seq_ids, position_ids=seq_pos, **{cache_kw: cache}, **kwargs)
             else:
-                out = model(input_ids=step_ids, position_ids=step_pos, past_key_values=cache, **kwargs)
+                out = model(input_ids=step_ids, position_ids=step_pos, **{cache_kw: cache}, **kwargs)
             all_logits = out.logits[:, -1, :].float()
             logits = all_logits[:B]
             for m in handle.methods:

@@ -18,6 +18,7 @@ from conftest import PROMPTS, make_images, tiny
 from transformers import DynamicCache
 
 import vlmfix
+from vlmfix._compat import cache_kwarg
 from vlmfix.attachment import _attn_snapshot
 from vlmfix.errors import ConfigError
 from vlmfix.generation import sample_next
@@ -64,7 +65,7 @@ class _Stream:
             out = self.model(
                 attention_mask=self.mask,
                 position_ids=self.pos,
-                past_key_values=self.cache,
+                **{cache_kwarg(self.model): self.cache},
                 use_cache=self.use_cache,
                 **extra,
             )
@@ -73,7 +74,7 @@ class _Stream:
                 input_ids=self.ids[:, -1:],
                 attention_mask=self.mask,
                 position_ids=self.pos[:, -1:],
-                past_key_values=self.cache,
+                **{cache_kwarg(self.model): self.cache},
             )
         self.step += 1
         return out.logits[:, -1].float()

@@ -69,12 +69,12 @@ def naive_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 @contextmanager
 def naive_mode(model, ref):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import eager_mask
 
-    AttentionInterface.register(NAIVE, naive_attention)
-    AttentionMaskInterface.register(NAIVE, eager_mask)
-    before = model.config.text_config._attn_implementation_internal
+    from vlmfix import _compat
+
+    _compat.register_attention(NAIVE, naive_attention, eager_mask)
+    before = _compat.get_attn_impl(model.config.text_config)
     model.set_attn_implementation({"text_config": NAIVE})
     _REF[0] = ref
     try:
@@ -82,9 +82,8 @@ def naive_mode(model, ref):
     finally:
         _REF[0] = None
         model.set_attn_implementation({"text_config": before})
-        model.config.text_config._attn_implementation_internal = before
-        AttentionInterface._global_mapping.pop(NAIVE, None)
-        AttentionMaskInterface._global_mapping.pop(NAIVE, None)
+        _compat.set_attn_impl(model.config.text_config, before)
+        _compat.unregister_attention(NAIVE)
 
 
 class ForceTokens:
@@ -782,16 +781,27 @@ def test_paint_without_image_sizes_infers_the_crop_grids():
     from vlmfix.layout import Part
 
     model, processor, images, prompts, inputs = _batch("llava_next", 3)
-    classes = {}
-    for how in ("sizes", "stock"):
-        with vlmfix.attach(model, vlmfix.PAINT()) as handle, torch.no_grad():
-            if how == "stock":
-                model.generate(**inputs, max_new_tokens=1, do_sample=False)
-            else:
-                model(**inputs)
-            classes[how] = handle.methods[0].classes
-            parts = handle.layout.parts[:, : classes[how].shape[1]]
+    classes, seen_sizes = {}, []
+    spy = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen_sizes.append(kwargs.get("image_sizes") is not None), with_kwargs=True
+    )
+    try:
+        for how in ("sizes", "stock"):
+            with vlmfix.attach(model, vlmfix.PAINT()) as handle, torch.no_grad():
+                if how == "stock":
+                    seen_sizes.clear()
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                else:
+                    model(**inputs)
+                classes[how] = handle.methods[0].classes
+                parts = handle.layout.parts[:, : classes[how].shape[1]]
+    finally:
+        spy.remove()
     assert torch.equal(classes["sizes"][:2], classes["stock"][:2])
+    if seen_sizes[0]:
+        # Releases before 5.24 (e.g. 5.17) pass image_sizes to the forward of stock generate.
+        assert torch.equal(classes["sizes"], classes["stock"])
+        return
     assert not bool((classes["stock"][2][parts[2] == Part.GRID] != 0).any())
     assert bool((classes["stock"][2][parts[2] == Part.BASE] == 1).any())
 

@@ -118,6 +118,12 @@ class Method:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def edits_attention(self) -> bool:
+        """Whether this runtime edits attention (overrides a score, probability or output hook)."""
+        cls = type(self)
+        return any(getattr(cls, h) is not getattr(Method, h) for h in ("pre_softmax", "post_softmax", "on_output"))
+
     def on_attach(self, handle: AttachHandle) -> None:
         """Called once when attached; register scoped hooks with ``handle.add_hook``."""
         self.handle = handle

@@ -315,15 +315,9 @@ def _image_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
 def _num_crops(config, adapter, size) -> int:
     if adapter.grid == "single" or size is None:
         return 1
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from vlmfix._compat import image_size_to_num_patches
 
-    return int(
-        image_size_to_num_patches(
-            image_size=size,
-            grid_pinpoints=config.image_grid_pinpoints,
-            patch_size=config.vision_config.image_size,
-        )
-    )
+    return image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
 
 
 def _crop_features(scores: torch.Tensor, has_cls: bool, full: bool) -> torch.Tensor:
@@ -404,11 +398,11 @@ def _scores_for_run(config, crops: torch.Tensor, parts: torch.Tensor, size, has_
         return None
     if size is None and grid_shape is None:
         return out  # grid unknown: the base grid alone is classified
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    from vlmfix._compat import anyres_grid_shape, unpad_image
 
     patches = torch.stack([_crop_features(c, has_cls, False)[-side * side :] for c in crops[1:]])
     if size is not None:
-        nh, nw = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vcfg.image_size)
+        nh, nw = anyres_grid_shape(size, config.image_grid_pinpoints, vcfg.image_size)
     else:
         nh, nw = grid_shape
     if patches.shape[0] != nh * nw:
