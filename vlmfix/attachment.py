@@ -167,22 +167,29 @@ class AttachHandle:
             )
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None
-            ctrl.plain_causal = False  # a custom 4D mask: always honour it
+            ctrl.custom_mask = True  # a custom 4D mask: always honour it
         else:
-            # one host sync per forward (transformers' own mask code does the same)
-            ctrl.plain_causal = attention_mask is None or bool(attention_mask.all())
+            ctrl.custom_mask = False
         if past == 0 or ctrl.layout is None:
             if input_ids is None:
                 logger.warning("vlmfix: forward called with inputs_embeds only; no image layout is available")
                 ctrl.layout = None
             else:
                 mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
-                ctrl.layout = build_layout(self.model.config, self.adapter, input_ids, mask, kwargs.get("image_sizes"))
+                ctrl.layout = build_layout(
+                    self.model.config,
+                    self.adapter,
+                    input_ids,
+                    mask,
+                    kwargs.get("image_sizes"),
+                    capacity=input_ids.shape[1] + ctrl.decode_capacity,
+                )
             ctrl.begin_forward(is_prefill=True)
             ctrl.state.clear()
         else:
             n = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-            ctrl.layout = ctrl.layout.extend(n, attention_mask)
+            # No host sync here: the new positions are assumed attended (see Layout.extend).
+            ctrl.layout = ctrl.layout.extend(n)
             ctrl.begin_forward(is_prefill=False)
         for m in self.methods:
             m.on_forward(self, kwargs)

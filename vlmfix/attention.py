@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from vlmfix.kernels import reference
 
 if TYPE_CHECKING:
     from vlmfix.layout import Layout
+    from vlmfix.plan import RowStats
 
 __all__ = ["ATTN_NAME", "AttentionCall", "Controller", "vlmfix_attention", "vlmfix_mask"]
 
@@ -52,6 +54,11 @@ class AttentionCall:
         controller: the controller (per-layer state lives in ``controller.state``).
         is_prefill: True on the first forward of a sequence.
         scaling: the score scale of this call (``q . k * scaling``).
+        row_stats: :class:`~vlmfix.plan.RowStats` of the last query row on the unedited
+            scores, when a method asked for them (:meth:`Method.wants_row_stats`).
+
+    Methods read shapes and the layout from here; they never get a score matrix, and they
+    must not read ``query`` / ``key`` / ``value`` in the decode hot path.
     """
 
     layer_idx: int
@@ -67,6 +74,7 @@ class AttentionCall:
     value: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     scaling: float | None = None
+    row_stats: RowStats | None = None
 
     @property
     def query_positions(self) -> torch.Tensor:
@@ -108,29 +116,69 @@ class Controller:
         self.layout: Layout | None = None
         self.state: dict[int, dict[str, Any]] = {}
         self.is_prefill = False
-        # True while the forward in flight has no padding (set per forward by attach's
-        # pre-hook), so the mask is plain causal and need not be materialised.
-        self.plain_causal = False
+        # A custom 4D attention mask passed by the caller (honoured instead of positions).
+        self.custom_mask = False
+        # Columns to preallocate in the layout for decoding (vlmfix.generate sets it to
+        # max_new_tokens; stock generate grows the buffers geometrically).
+        self.decode_capacity = 64
         self.rows = None
+        # When set, only these methods act (a probe forward declares who is active in it).
+        self.active: list | None = None
         self.num_layers = len(adapter.decoder_layers(model))
         # method name -> {"prefill": n, "decode": n}: forwards in which the method edited
         # at least one attention call (see _mark_edit).
         self.edited_forwards: dict[str, dict[str, int]] = {}
         self.forward_index = 0
         self._last_marked: dict[str, int] = {}
-        self._score = [m for m in self.methods if _overrides(m, "pre_softmax")]
-        self._prob = [m for m in self.methods if _overrides(m, "post_softmax")]
-        self._out = [m for m in self.methods if _overrides(m, "on_output")]
-        self._calls = [m for m in self.methods if _overrides(m, "on_attention")]
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
 
     def layer_state(self, layer_idx: int) -> dict[str, Any]:
         return self.state.setdefault(layer_idx, {})
 
+    def layout_for(self, layer_idx: int) -> Layout | None:
+        """The token map of one layer: positions, labels and (with pruning) the keys this
+        layer keeps. Every layer keeps every key today, so it is the batch layout."""
+        return self.layout
+
+    @contextmanager
+    def only(self, methods):
+        """Within the block only ``methods`` act (used by probe forwards)."""
+        saved = self.active
+        self.active = list(methods)
+        try:
+            yield
+        finally:
+            self.active = saved
+
+    def _visible(self, layout: Layout, q_len: int, k_len: int, attention_mask) -> torch.Tensor | None:
+        """The bool visible mask ``[B, 1, Tq, Tk]`` of this forward, built once per forward
+        from positions (None when plain causal attention needs no mask)."""
+        key = (self.forward_index, layout.length, q_len, k_len, self.custom_mask)
+        if self._mask_key is not None and self._mask_key[0] is layout and self._mask_key[1:] == key:
+            return self._mask
+        if self.custom_mask:
+            mask = reference.as_bool_mask(attention_mask, q_len, k_len, layout.labels.device)
+        elif not layout.padded and q_len in (1, k_len):
+            mask = None
+        else:
+            positions = layout.positions
+            mask = reference.visible_mask(layout.labels, positions[:, k_len - q_len :], positions)
+        self._mask_key, self._mask = (layout, *key), mask
+        return mask
+
     def attend(self, module, query, key, value, attention_mask, scaling):
+        from vlmfix.plan import AttentionPlan
+
         layer_idx = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
-        layout = self.layout
-        if layout is not None and layout.length != k_len:
+        layout = self.layout_for(layer_idx)
+        methods = self.methods if self.active is None else self.active
+        if layout is None:
+            mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
+            out = reference.attention(query, key, value, mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        if layout.length != k_len:
             from vlmfix.errors import LayoutMismatchError
 
             raise LayoutMismatchError(
@@ -138,6 +186,16 @@ class Controller:
                 f"{k_len} keys (q_len={q_len}); refusing to run it without the attached methods. This is a "
                 "vlmfix bug or an unsupported cache (fixed-capacity caches are not supported yet)."
             )
+        mask = self._visible(layout, q_len, k_len, attention_mask)
+        positions = layout.positions
+        plan = AttentionPlan(
+            layer=layer_idx,
+            labels=layout.labels,
+            q_pos=positions[:, k_len - q_len :],
+            k_pos=positions,
+            plain_causal=mask is None,
+            mask=mask,
+        )
         call = AttentionCall(
             layer_idx=layer_idx,
             layout=layout,
@@ -152,25 +210,20 @@ class Controller:
             value=value,
             scaling=scaling,
         )
-        for m in self._calls:
-            m.on_attention(call)
-        score_mods, prob_mods = [], []
-        for m in self._score:
-            if (f := m.pre_softmax(call)) is not None:
-                score_mods.append(f)
+        if any(m.wants_row_stats(call) for m in methods):
+            plan.want_row_stats = True
+            vis_row = mask[:, 0, -1] if mask is not None else layout.labels != reference.PAD
+            call.row_stats = reference.row_stats(query, key, value, vis_row, layout.labels, scaling)
+        for m in methods:
+            before = (plan.score_coef, plan.reweight, plan.head_scale)
+            m.contribute(call, plan)
+            if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
-        for m in self._prob:
-            if (f := m.post_softmax(call)) is not None:
-                prob_mods.append(f)
-                self._mark_edit(m)
-        # Without padding the mask is plain causal: let sdpa pick a flash kernel.
-        mask = None if self.plain_causal else reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
-        out = reference.attention(query, key, value, mask, scaling, score_mods=score_mods, prob_mods=prob_mods)
-        for m in self._out:
-            edited = m.on_output(call, out)
-            if edited is not out:
-                self._mark_edit(m)
-            out = edited
+        plan.want_row_stats = False  # already computed above
+        out, result = reference.execute(query, key, value, plan, scaling)
+        result.row_stats = call.row_stats
+        for m in methods:
+            m.observe(call, plan, result)
         return out.transpose(1, 2).contiguous(), None
 
     # ------------------------------------------------------------------ bookkeeping

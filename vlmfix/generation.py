@@ -280,6 +280,7 @@ def generate(
             dtype=dtype,
         )
         handle.controller.rows = rows
+        handle.controller.decode_capacity = max_new_tokens
         try:
             tokens, scores = _decode_loop(
                 model,
@@ -360,17 +361,20 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     per_method = {id(m): [k for k, (owner, _) in enumerate(branches) if owner is m] for m in handle.methods}
 
-    if any(spec.probe for _, spec in branches):
+    probers = [m for m in handle.methods if any(spec.probe for owner, spec in branches if owner is m)]
+    if probers:
+        # The probe forward measures for its owners; no other method acts in it.
         handle.controller.rows = replace(rows, branches=(), probing=True)
         try:
-            model(
-                input_ids=input_ids[:B],
-                attention_mask=attention_mask[:B],
-                position_ids=position_ids[:B],
-                use_cache=False,
-                logits_to_keep=1,
-                **_main_rows(extra, B),
-            )
+            with handle.controller.only(probers):
+                model(
+                    input_ids=input_ids[:B],
+                    attention_mask=attention_mask[:B],
+                    position_ids=position_ids[:B],
+                    use_cache=False,
+                    logits_to_keep=1,
+                    **_main_rows(extra, B),
+                )
         finally:
             handle.controller.rows = rows
     edits = [(k, spec) for k, (_, spec) in enumerate(branches) if spec.embeds is not None]
@@ -381,19 +385,29 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
 
     cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
     cache_kw = _compat.cache_kwarg(model)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
-    generated, all_scores = [], []
-    seq_ids, seq_mask, seq_pos = input_ids, attention_mask, position_ids
-    step_ids, step_pos = input_ids, position_ids
+    R, L = input_ids.shape
+    dev = input_ids.device
+    # Preallocated sequence buffers: a step writes one column, nothing grows.
+    seq_ids = torch.full((R, L + max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)
+    seq_mask = torch.ones((R, L + max_new_tokens), dtype=attention_mask.dtype, device=dev)
+    seq_pos = torch.zeros((R, L + max_new_tokens), dtype=position_ids.dtype, device=dev)
+    seq_ids[:, :L], seq_mask[:, :L], seq_pos[:, :L] = input_ids, attention_mask, position_ids
+    generated = torch.full((B, max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    finished = _AllDone(dev)
+    all_scores = []
+    steps = 0
     try:
         for step in range(max_new_tokens):
-            kwargs = dict(attention_mask=seq_mask, use_cache=use_cache, logits_to_keep=1)
+            n = L + step  # sequence length before this step's token
+            kwargs = dict(attention_mask=seq_mask[:, :n], use_cache=use_cache, logits_to_keep=1)
+            kwargs[cache_kw] = cache
             if step == 0 or not use_cache:
                 kwargs.update(extra)
-                out = model(input_ids=seq_ids, position_ids=seq_pos, **{cache_kw: cache}, **kwargs)
+                out = model(input_ids=seq_ids[:, :n], position_ids=seq_pos[:, :n], **kwargs)
             else:
-                out = model(input_ids=step_ids, position_ids=step_pos, **{cache_kw: cache}, **kwargs)
+                out = model(input_ids=seq_ids[:, n - 1 : n], position_ids=seq_pos[:, n - 1 : n], **kwargs)
             all_logits = out.logits[:, -1, :].float()
             logits = all_logits[:B]
             for m in handle.methods:
@@ -404,19 +418,43 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
                 all_scores.append(logits)
             nxt = pick(logits)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            generated.append(nxt)
+            generated[:, step] = nxt
+            steps = step + 1
             if eos_t is not None:
                 done = done | torch.isin(nxt, eos_t)
-            step_ids = nxt.repeat(copies)[:, None]
-            step_pos = seq_pos[:, -1:] + 1
-            seq_ids = torch.cat([seq_ids, step_ids], dim=1)
-            seq_pos = torch.cat([seq_pos, step_pos], dim=1)
-            seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids, dtype=seq_mask.dtype)], dim=1)
-            if bool(done.all()):
+            seq_ids[:, n] = nxt.repeat(copies)
+            seq_pos[:, n] = seq_pos[:, n - 1] + 1
+            # EOS check without a blocking sync per step: the flag of this step is copied
+            # to the host asynchronously and read at the next step (one extra step at most).
+            if eos_t is not None and finished.update(done):
                 break
     finally:
         if hook is not None:
             hook.remove()
-    tokens = torch.stack(generated, dim=1)
+    tokens = generated[:, :steps]
     scores = torch.stack(all_scores, dim=1) if return_scores else None
     return tokens, scores
+
+
+class _AllDone:
+    """Whether every sample has finished, learnt without a blocking sync per step.
+
+    :meth:`update` starts a non-blocking copy of ``done.all()`` to pinned host memory and
+    answers with the flag copied at the previous call (on CUDA, once its copy has landed);
+    on the CPU there is nothing to overlap and it answers at once.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def update(self, done: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(done.all())
+        answer = self.pending and self.event.query() and bool(self.host)
+        self.host.copy_(done.all(), non_blocking=True)
+        self.event.record()
+        self.pending = True
+        return answer

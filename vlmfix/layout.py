@@ -16,7 +16,7 @@ import torch
 
 from vlmfix.adapters import Adapter, image_token_structure
 
-__all__ = ["Label", "Part", "Layout", "build_layout", "resolve_parts_from_embeddings"]
+__all__ = ["Label", "Part", "Layout", "build_layout", "text_layout", "resolve_parts_from_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,17 @@ class Part(IntEnum):
 
 @dataclass(frozen=True)
 class Layout:
-    """Labels of every key position of a batch.
+    """Labels and positions of every key position of a batch.
+
+    The tensors are views of preallocated buffers: :meth:`extend` writes the new columns in
+    place (growing the buffers geometrically when full), so decoding appends without a
+    ``torch.cat`` per step, and earlier ``Layout`` objects keep seeing their own length.
 
     Attributes:
         labels: int8 ``[B, L]`` of :class:`Label` values (no sink labels here).
         parts: int8 ``[B, L]`` of :class:`Part` values.
+        positions: long ``[B, L]``, each key's token position (``cumsum(mask) - 1``;
+            0 at padding). Masks are built from positions, never from key indices.
         image_start: long ``[B]``, first image position per sample (-1 when none).
         image_end: long ``[B]``, one past the last image position (-1 when none).
         prompt_length: ``L`` at prefill; positions ``>= prompt_length`` were generated.
@@ -54,23 +60,67 @@ class Layout:
             (see :func:`resolve_parts_from_embeddings`).
         has_image: whether any sample holds an image token (known on the host, so methods
             can skip work without a device sync).
+        padded: whether any prompt key is padding (known on the host; without padding
+            plain attention may take a flash kernel). Generated positions are taken to be
+            attended (as in every decoding loop); :meth:`extend` labels a masked one PAD but
+            does not sync to update this flag.
     """
 
-    labels: torch.Tensor
-    parts: torch.Tensor
+    buffers: tuple  # (labels, parts, positions), each [B, capacity]
+    length: int
     image_start: torch.Tensor
     image_end: torch.Tensor
     prompt_length: int
     unresolved: tuple = ()
     has_image: bool = True
+    padded: bool = False
+
+    @classmethod
+    def from_tensors(
+        cls,
+        labels: torch.Tensor,
+        parts: torch.Tensor,
+        positions: torch.Tensor,
+        image_start: torch.Tensor,
+        image_end: torch.Tensor,
+        prompt_length: int,
+        *,
+        unresolved: tuple = (),
+        has_image: bool = True,
+        padded: bool = False,
+        capacity: int | None = None,
+    ) -> Layout:
+        """A layout over fresh buffers of ``capacity`` columns (default: the length)."""
+        B, L = labels.shape
+        cap = max(L, capacity or L)
+        bufs = (
+            torch.full((B, cap), Label.PAD, dtype=torch.int8, device=labels.device),
+            torch.zeros((B, cap), dtype=torch.int8, device=labels.device),
+            torch.zeros((B, cap), dtype=torch.long, device=labels.device),
+        )
+        for buf, t in zip(bufs, (labels, parts, positions)):
+            buf[:, :L] = t
+        return cls(bufs, L, image_start, image_end, prompt_length, unresolved, has_image, padded)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.buffers[0][:, : self.length]
+
+    @property
+    def parts(self) -> torch.Tensor:
+        return self.buffers[1][:, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.buffers[2][:, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[1]
 
     @property
     def batch_size(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.labels.shape[1]
+        return self.buffers[0].shape[0]
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -88,28 +138,38 @@ class Layout:
     def extend(self, n: int = 1, attention_mask: torch.Tensor | None = None) -> Layout:
         """Append ``n`` generated positions (``TEXT``; ``PAD`` where ``attention_mask`` is 0).
 
+        New positions continue each row's last position. No device sync; the buffers are
+        written in place and only reallocated (doubled) when full.
+
         Args:
             n: number of new positions.
             attention_mask: optional ``[B, n]`` (or longer; the last ``n`` columns are used).
         """
-        new = torch.full((self.batch_size, n), Label.TEXT, dtype=torch.int8, device=self.labels.device)
+        L = self.length
+        bufs = self.buffers
+        if L + n > self.capacity:
+            grown = Layout.from_tensors(
+                self.labels, self.parts, self.positions, self.image_start, self.image_end, self.prompt_length,
+                capacity=max(2 * self.capacity, L + n),
+            )
+            bufs = grown.buffers
+        labels, parts, positions = bufs
+        new = labels[:, L : L + n]
+        new.fill_(Label.TEXT)
         if attention_mask is not None:
-            tail = attention_mask[:, -n:].to(self.labels.device)
-            new = torch.where(tail.bool(), new, torch.full_like(new, Label.PAD))
-        zeros = torch.zeros((self.batch_size, n), dtype=torch.int8, device=self.parts.device)
-        return replace(
-            self,
-            labels=torch.cat([self.labels, new], dim=1),
-            parts=torch.cat([self.parts, zeros], dim=1),
-        )
+            tail = attention_mask[:, -n:].to(labels.device).bool()
+            new.masked_fill_(~tail, Label.PAD)
+        parts[:, L : L + n] = 0
+        step = torch.arange(1, n + 1, device=positions.device)
+        positions[:, L : L + n] = positions[:, L - 1 : L] + step if L > 0 else step - 1
+        return replace(self, buffers=bufs, length=L + n)
 
     def select(self, rows: torch.Tensor | list[int]) -> Layout:
         """The layout of a subset (or repetition) of the batch rows."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.labels.device)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.buffers[0].device)
         return replace(
             self,
-            labels=self.labels[idx],
-            parts=self.parts[idx],
+            buffers=tuple(b[idx] for b in self.buffers),
             image_start=self.image_start[idx],
             image_end=self.image_end[idx],
         )
@@ -117,8 +177,7 @@ class Layout:
     def to(self, device) -> Layout:
         return replace(
             self,
-            labels=self.labels.to(device),
-            parts=self.parts.to(device),
+            buffers=tuple(b.to(device) for b in self.buffers),
             image_start=self.image_start.to(device),
             image_end=self.image_end.to(device),
         )
@@ -144,6 +203,7 @@ def build_layout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     image_sizes: torch.Tensor | None = None,
+    capacity: int | None = None,
 ) -> Layout:
     """Build the layout of a batch from its full prompt ids.
 
@@ -158,6 +218,7 @@ def build_layout(
         input_ids: long ``[B, L]``.
         attention_mask: ``[B, L]``, 0 at padding (None: no padding).
         image_sizes: ``[num_images, 2]`` original (height, width) per image, any-res only.
+        capacity: columns to preallocate for decoding (default: the prompt length).
 
     Returns:
         The :class:`Layout`.
@@ -200,14 +261,36 @@ def build_layout(
                 structure = torch.full((e - s,), Part.BASE, dtype=torch.int8)
             parts[b, s:e] = structure.to(device)
             image_idx += 1
-    return Layout(
-        labels=labels,
-        parts=parts,
-        image_start=starts.to(device),
-        image_end=ends.to(device),
-        prompt_length=input_ids.shape[1],
+    if attention_mask is not None:
+        valid = attention_mask.to(device).long()
+        positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
+        padded = not bool(valid.all())  # one host sync, at prefill only
+    else:
+        positions = torch.arange(input_ids.shape[1], device=device).expand(B, -1)
+        padded = False
+    return Layout.from_tensors(
+        labels,
+        parts,
+        positions,
+        starts.to(device),
+        ends.to(device),
+        input_ids.shape[1],
         unresolved=tuple(unresolved),
         has_image=any(any(row) for row in flags),
+        padded=padded,
+        capacity=capacity,
+    )
+
+
+def text_layout(attention_mask: torch.Tensor) -> Layout:
+    """The layout of a text-only, left-padded batch (``attention_mask`` ``[B, L]``)."""
+    valid = attention_mask.long()
+    B, L = valid.shape
+    labels = torch.where(valid.bool(), Label.TEXT, Label.PAD).to(torch.int8)
+    positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
+    none = torch.full((B,), -1, dtype=torch.long, device=valid.device)
+    return Layout.from_tensors(
+        labels, torch.zeros_like(labels), positions, none, none, L, has_image=False, padded=True
     )
 
 
@@ -231,7 +314,7 @@ def resolve_parts_from_embeddings(
         return layout
     vcfg = model_config.vision_config
     base = (vcfg.image_size // vcfg.patch_size) ** 2
-    parts = layout.parts.clone()
+    parts = layout.buffers[1].clone()
     newline = image_newline.to(inputs_embeds.dtype)
     for b, s, e in layout.unresolved:
         is_nl = (inputs_embeds[b, s:e] == newline).all(dim=-1).to(parts.device)
@@ -239,4 +322,4 @@ def resolve_parts_from_embeddings(
         run[: min(base, e - s)] = Part.BASE
         run[is_nl] = Part.NEWLINE
         parts[b, s:e] = run
-    return replace(layout, parts=parts, unresolved=())
+    return replace(layout, buffers=(layout.buffers[0], parts, layout.buffers[2]), unresolved=())

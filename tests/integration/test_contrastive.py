@@ -303,11 +303,8 @@ class _BoostImage(MethodConfig):
 
     def build(self):
         class _M(Method):
-            def pre_softmax(self, call):
-                if call.layout is None:
-                    return None
-                image = call.layout.image_mask[:, None, None, :]
-                return lambda z: torch.where(image, z + 0.5 * z.abs(), z)
+            def contribute(self, call, plan):
+                plan.add_score_edit(call.layout.image_mask[:, None, :] * 0.5)  # every row (score_rows None)
 
         return _M(self)
 

@@ -128,6 +128,16 @@ def naive_pai(alpha, layers):
     return edit
 
 
+def naive_additive(*edits):
+    """Pre-softmax edits composed as vlmfix composes them: each edit's change is computed
+    from the same unedited scores, and the changes add up."""
+
+    def edit(ref, layer, z, ctx):
+        return z + sum(f(ref, layer, z, ctx) - z for f in edits)
+
+    return edit
+
+
 def install_sink_hooks(model, ref, tau, dims, layers):
     """The test's own decoder-layer hooks: sink flags from each layer's input."""
     eps = 1e-6
@@ -214,18 +224,23 @@ def naive_vhr_scale(alpha, layers, selected):
 
 
 def naive_vhr_one_pass(alpha, layers, selected):
-    """At prefill, per layer: VHD from the last row with and without image keys."""
+    """At prefill, per layer: VHD from the last row with and without image keys, both on
+    the unedited scores (measurements are not edits: other methods' edits do not count)."""
+
+    def head_out(ctx, b, h, keys):
+        z = ctx["q"][b, h, -1] @ ctx["k"][b, h, keys].T * ctx["scaling"]
+        return torch.softmax(z, -1) @ ctx["v"][b, h, keys]
 
     def edit(ref, layer, out, ctx):
         if len(ctx["qpos"]) > 1:
             image, pad = ref.keys(ctx["Tk"])
             for b in range(out.shape[0]):
                 text = (~image[b] & ~pad[b]).nonzero()[:, 0]
+                seen = (~pad[b]).nonzero()[:, 0]
                 vhd, sq = [], []
                 for h in range(out.shape[1]):
-                    z = ctx["q"][b, h, -1] @ ctx["k"][b, h, text].T * ctx["scaling"]
-                    a_txt = torch.softmax(z, -1) @ ctx["v"][b, h, text]
-                    vhd.append(float((out[b, h, -1] - a_txt).norm()))
+                    a_txt = head_out(ctx, b, h, text)
+                    vhd.append(float((head_out(ctx, b, h, seen) - a_txt).norm()))
                     sq.append(float((a_txt * a_txt).sum()))
                 selected[(b, layer)] = naive_select(torch.tensor(vhd), torch.tensor(sq))
         return naive_vhr_scale(alpha, layers, selected)(ref, layer, out, ctx)
@@ -444,6 +459,10 @@ def _case(name, model, inputs):
         hooks = install_sink_hooks(model, ref, SINK_TAU, (), {1, 2, 3})
         ref.post = [naive_var(0.6, 0.5, 0.2, {1, 2, 3})]
         ref.out = [naive_vhr_one_pass(2.0, {1, 2, 3}, {})]
+    elif name == "pai+paint":
+        cfgs = [vlmfix.PAINT(), vlmfix.PAI(alpha=0.5)]
+        hooks = install_vit_hooks(model, ref, cls=model.config.model_type != "llava_onevision")
+        ref.pre = [naive_additive(naive_pai(0.5, {2, 3}), naive_paint(0.7, 0.3, {2, 3}))]
     elif name in ("paint", "paint_sigma"):
         rule = "sigma" if name == "paint_sigma" else "iqr"
         cfgs = [vlmfix.PAINT(summary_rule=rule)]
@@ -454,7 +473,18 @@ def _case(name, model, inputs):
     return cfgs, ref, hooks
 
 
-CASES = ["pai", "var", "var_dims", "vhr_forward", "vhr_one_pass", "paint", "paint_sigma", "pai+var", "var+vhr"]
+CASES = [
+    "pai",
+    "var",
+    "var_dims",
+    "vhr_forward",
+    "vhr_one_pass",
+    "paint",
+    "paint_sigma",
+    "pai+var",
+    "var+vhr",
+    "pai+paint",
+]
 
 
 # Batch 3 (left padding) on every family, batch 1 on LLaVA-1.5.

@@ -1,18 +1,27 @@
-"""Pure-torch attention with the edit points every vlmfix method needs.
+"""The ``reference`` backend: pure-torch execution of attention plans.
 
-This is the ``reference`` backend: any device, any dtype, exact. It materialises the
-``[B, H, Tq, Tk]`` score matrix only when an edit asks for it; plain attention goes
-through ``torch.nn.functional.scaled_dot_product_attention``.
+Any device, any dtype, exact (scores in fp32). It materialises the ``[B, H, Tq, Tk]``
+score matrix only when a plan edits scores or probabilities; plain attention (and a
+head-scale-only plan) goes through ``torch.nn.functional.scaled_dot_product_attention``.
+Row statistics are computed beside the main pass from the last query row alone
+(``O(H * Tk * D)``). See :mod:`vlmfix.plan` for what a plan means.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "expand_kv", "as_bool_mask"]
+if TYPE_CHECKING:
+    from vlmfix.plan import AttentionPlan, PlanResult, RowStats
+
+PAD = 4  # vlmfix.layout.Label.PAD (not imported: this module stays free of vlmfix imports)
+IMAGE, IMAGE_SINK = 2, 3
+
+__all__ = ["attention", "expand_kv", "as_bool_mask", "execute", "row_stats", "visible_mask"]
 
 ScoreMod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -93,3 +102,100 @@ def attention(
     for mod in prob_mods:
         probs = mod(probs)
     return torch.matmul(probs, v).to(query.dtype)
+
+
+def visible_mask(labels: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, 1, Tq, Tk]``: key ``j`` visible to query ``i`` (``labels != PAD`` and
+    ``k_pos[j] <= q_pos[i]``), from token positions rather than indices."""
+    return ((k_pos[:, None, :] <= q_pos[:, :, None]) & (labels != PAD)[:, None, :])[:, None]
+
+
+def row_stats(query, key, value, visible_row: torch.Tensor, labels: torch.Tensor, scaling: float) -> RowStats:
+    """:class:`~vlmfix.plan.RowStats` of the last query row, on unedited scores.
+
+    Args:
+        query: ``[B, H, Tq, D]`` (the last row is used).
+        key, value: ``[B, Hkv, Tk, D]``.
+        visible_row: bool ``[B, Tk]``, the keys the last row sees.
+        labels: int8 ``[B, Tk]``.
+        scaling: score scale.
+    """
+    from vlmfix.plan import RowStats
+
+    n_rep = query.shape[1] // key.shape[1]
+    k = expand_kv(key, n_rep).float()
+    v = expand_kv(value, n_rep).float()
+    z = (query[:, :, -1:].float() @ k.transpose(-1, -2))[:, :, 0] * scaling  # [B, H, Tk]
+    probs = torch.softmax(z.masked_fill(~visible_row[:, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
+    out = (probs[:, :, None, :] @ v)[:, :, 0]
+    text = visible_row & (labels < IMAGE)
+    p_text = torch.softmax(z.masked_fill(~text[:, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
+    out_text = (p_text[:, :, None, :] @ v)[:, :, 0]
+    return RowStats(probs=probs, out=out, out_text=out_text)
+
+
+def _reweight(probs: torch.Tensor, labels: torch.Tensor, rw) -> tuple[torch.Tensor, torch.Tensor]:
+    image = labels >= IMAGE
+    image = image & (labels != PAD)
+    sink = labels == IMAGE_SINK
+    p_img = (probs * image[:, None, None, :]).sum(-1)  # [B, H, Tq]
+    p_sink = (probs * sink[:, None, None, :]).sum(-1)
+    p_rest = p_img - p_sink
+    selected = (
+        rw.rows[:, None, :]
+        & (p_img >= rw.min_mass)
+        & (p_sink > 0)
+        & (p_sink <= rw.rho * p_img)
+        & (p_rest > 0)
+    )
+    boost = 1 + (1 - rw.p) * p_sink / p_rest.clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, Tq]
+    rest = image & ~sink
+    factor = torch.where(
+        sink[:, None, None, :],
+        torch.full_like(probs, rw.p),
+        torch.where(rest[:, None, None, :], boost[..., None], torch.ones_like(probs)),
+    )
+    return torch.where(selected[..., None], probs * factor, probs), selected
+
+
+def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[torch.Tensor, PlanResult]:
+    """Execute one :class:`~vlmfix.plan.AttentionPlan`.
+
+    Args:
+        query: ``[B, H, Tq, D]``; key, value: ``[B, Hkv, Tk, D]``.
+        plan: the call's plan (``plan.mask`` must hold the visible mask unless
+            ``plan.plain_causal``).
+        scaling: score scale.
+
+    Returns:
+        ``(out[B, H, Tq, D] in the query's dtype, PlanResult)``.
+    """
+    from vlmfix.plan import PlanResult
+
+    result = PlanResult()
+    mask = plan.mask
+    if plan.want_row_stats:
+        vis_row = mask[:, 0, -1].expand(plan.labels.shape[0], -1) if mask is not None else plan.labels != PAD
+        result.row_stats = row_stats(query, key, value, vis_row, plan.labels, scaling)
+    if plan.score_coef is None and plan.reweight is None:
+        out = attention(query, key, value, None if plan.plain_causal else mask, scaling)
+    else:
+        n_rep = query.shape[1] // key.shape[1]
+        if mask is None:
+            mask = as_bool_mask(None, query.shape[2], key.shape[2], query.device)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # rows seeing nothing: finite, unused
+        k = expand_kv(key, n_rep).float()
+        v = expand_kv(value, n_rep).float()
+        z = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+        if plan.score_coef is not None:
+            edit = plan.score_coef[:, :, None, :] * z.abs()
+            if plan.score_rows is not None:
+                edit = edit * plan.score_rows[:, None, :, None]
+            z = z + edit
+        probs = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+        if plan.reweight is not None:
+            probs, result.selected = _reweight(probs, plan.labels, plan.reweight)
+        out = torch.matmul(probs, v).to(query.dtype)
+    if plan.head_scale is not None:
+        out = out * plan.head_scale[:, :, None, None].to(out.dtype)
+    return out, result

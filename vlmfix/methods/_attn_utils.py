@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise"]
+__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows"]
 
 
 def check_layer_fields(config) -> None:
@@ -64,6 +64,23 @@ def layer_set(layers: tuple[int, ...], start: int, end: int, num_layers: int, me
 def query_positions(call) -> torch.Tensor:
     """Key-axis positions of the query rows, ``[Tq]``, on the query's device."""
     return torch.arange(call.k_len - call.q_len, call.k_len, device=call.query.device)
+
+
+def edit_rows(call, tracker: SequenceTracker):
+    """The rows edited by the "last prompt row and every generated row" methods (PAI, PAINT).
+
+    Returns:
+        None when every row of the call is edited (every decode step), False when none is,
+        else a bool ``[1, Tq]`` row mask (a prefill: only its rows from the last prompt row
+        on). Decided on the host from shapes: no device sync.
+    """
+    last = tracker.last_prompt_row(call)
+    first = call.k_len - call.q_len  # key position of the call's first query row
+    if first >= last:
+        return None
+    if call.k_len - 1 < last:
+        return False
+    return (torch.arange(first, call.k_len, device=call.layout.labels.device) >= last)[None, :]
 
 
 def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -27,7 +27,6 @@ import torch
 
 from vlmfix.branches import BranchSpec, contrast
 from vlmfix.errors import StateError
-from vlmfix.kernels.reference import expand_kv
 from vlmfix.methods import register
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
@@ -78,16 +77,16 @@ class AvisCMethod(Method):
         self._image_mask = self._zero = None
         return (BranchSpec("blind_tokens_only", embeds=self._mask_embeds, probe=True),)
 
-    def on_attention(self, call) -> None:
+    def wants_row_stats(self, call) -> bool:
         rows = call.controller.rows
-        if rows is None or not rows.probing or not call.is_prefill or call.layout is None:
+        return rows is not None and rows.probing and call.is_prefill
+
+    def observe(self, call, plan, result) -> None:
+        if result.row_stats is None or not self.wants_row_stats(call):
             return
-        q = call.query[:, :, -1:, :].float()  # [B, H, 1, D]
-        k = expand_kv(call.key, call.num_heads // call.num_kv_heads).float()  # [B, H, Tk, D]
-        scores = (q @ k.transpose(-1, -2)).squeeze(2) * q.shape[-1] ** -0.5  # [B, H, Tk]
-        pad = call.layout.pad_mask.to(scores.device)
-        probs = torch.softmax(scores.masked_fill(pad[:, None], float("-inf")), dim=-1).mean(1)  # [B, Tk]
-        image = call.layout.image_mask.to(scores.device)
+        # head-averaged last-row attention (unedited scores, every non-pad key visible)
+        probs = result.row_stats.probs.mean(1)  # [B, Tk]
+        image = call.layout.image_mask
         self._image_mask = image
         self._attn[call.layer_idx] = probs * image
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vlmfix.attachment import AttachHandle
     from vlmfix.attention import AttentionCall
     from vlmfix.branches import BranchSpec
+    from vlmfix.plan import AttentionPlan, PlanResult
 
 __all__ = ["MethodConfig", "Method", "help_field"]
 
@@ -100,11 +101,16 @@ class Method:
     Hooks, in the order they run during a forward:
 
     * :meth:`on_forward` — before every model forward (layout already updated);
-    * :meth:`on_attention` — at each attention call, to inspect q/k/v;
-    * :meth:`pre_softmax` — return ``f(scores) -> scores`` or None;
-    * :meth:`post_softmax` — return ``f(probs) -> probs`` or None;
-    * :meth:`on_output` — edit the per-head output ``[B, H, Tq, D]`` (before ``o_proj``);
+    * per attention call (one decoder layer): :meth:`wants_row_stats`, then
+      :meth:`contribute` — add edits to the call's :class:`~vlmfix.plan.AttentionPlan`
+      (pre-softmax score edits, post-softmax reweighting, head scales) — then, once the
+      backend has executed the plan, :meth:`observe`;
     * :meth:`process_logits` — edit next-token logits inside :func:`vlmfix.generate`.
+
+    Attention methods never see a score matrix: they describe edits as tensors and read
+    statistics (:class:`~vlmfix.plan.RowStats`, :class:`~vlmfix.plan.PlanResult`). In decode
+    steps a hook must be pure tensor work: no ``.item()``, ``bool(tensor)``, ``.tolist()``,
+    ``.cpu()`` and no growing buffers (see ``docs/plans.md``).
 
     Contrastive methods also declare extra rows for :func:`vlmfix.generate` with
     :meth:`branches` and merge their logits in :meth:`combine` (see :mod:`vlmfix.branches`).
@@ -120,9 +126,8 @@ class Method:
 
     @property
     def edits_attention(self) -> bool:
-        """Whether this runtime edits attention (overrides a score, probability or output hook)."""
-        cls = type(self)
-        return any(getattr(cls, h) is not getattr(Method, h) for h in ("pre_softmax", "post_softmax", "on_output"))
+        """Whether this runtime contributes to attention plans."""
+        return type(self).contribute is not Method.contribute
 
     def on_attach(self, handle: AttachHandle) -> None:
         """Called once when attached; register scoped hooks with ``handle.add_hook``."""
@@ -135,20 +140,16 @@ class Method:
     def on_forward(self, handle: AttachHandle, kwargs: dict[str, Any]) -> None:
         """Called before every forward of the model."""
 
-    def on_attention(self, call: AttentionCall) -> None:
-        """Inspect one attention call (q/k/v are in ``call``)."""
+    def wants_row_stats(self, call: AttentionCall) -> bool:
+        """Whether this call must measure :class:`~vlmfix.plan.RowStats` (last query row,
+        unedited scores); they arrive in ``call.row_stats`` before :meth:`contribute`."""
+        return False
 
-    def pre_softmax(self, call: AttentionCall):
-        """Return a function editing fp32 scores ``[B, H, Tq, Tk]``, or None."""
-        return None
+    def contribute(self, call: AttentionCall, plan: AttentionPlan) -> None:
+        """Add this method's edits for one attention call to ``plan``."""
 
-    def post_softmax(self, call: AttentionCall):
-        """Return a function editing fp32 probabilities ``[B, H, Tq, Tk]``, or None."""
-        return None
-
-    def on_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        """Edit the attention output ``[B, H, Tq, D]`` before ``o_proj``."""
-        return out
+    def observe(self, call: AttentionCall, plan: AttentionPlan, result: PlanResult) -> None:
+        """Read what the executed plan reports (e.g. which rows a reweighting selected)."""
 
     def process_logits(self, step: int, logits: torch.Tensor) -> torch.Tensor:
         """Edit next-token logits ``[B, V]`` (fp32) at generation step ``step``."""

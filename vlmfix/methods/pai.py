@@ -20,10 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, layer_set, query_positions
+from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, edit_rows, layer_set
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAI", "PAIRuntime"]
@@ -81,23 +79,19 @@ class PAIRuntime(Method):
     def on_forward(self, handle, kwargs: dict[str, Any]) -> None:
         self.tracker.update(handle, kwargs)
 
-    def pre_softmax(self, call):
-        if call.layer_idx not in self.layers or call.layout is None or self.config.alpha == 0:
-            return None
-        image = call.layout.image_mask.to(call.query.device)  # [B, Tk]
-        rows = query_positions(call) >= self.tracker.last_prompt_row(call)  # [Tq]
-        if not bool(rows.any()) or not call.layout.has_image:  # host-side checks: no device sync
-            return None
+    def contribute(self, call, plan) -> None:
+        if call.layer_idx not in self.layers or self.config.alpha == 0 or not call.layout.has_image:
+            return
+        rows = edit_rows(call, self.tracker)
+        if rows is False:
+            return
         self._calls += 1
-        # accumulated on the device; read (one sync) only in stats()
-        self._rows = self._rows + int(rows.sum()) * call.num_heads * image.any(-1).sum()
-        edit = rows[None, None, :, None] & image[:, None, None, :]  # [B, 1, Tq, Tk]
-        alpha = float(self.config.alpha)
-
-        def amplify(scores: torch.Tensor) -> torch.Tensor:
-            return torch.where(edit, scores + alpha * scores.abs(), scores)
-
-        return amplify
+        image = call.layout.image_mask  # [B, Tk]
+        # accumulated on the device (no sync); read once in stats()
+        n_rows = call.q_len if rows is None else rows.sum()
+        self._rows = self._rows + n_rows * call.num_heads * image.any(-1).sum()
+        plan.score_rows = rows if rows is None else rows.expand(image.shape[0], -1)
+        plan.add_score_edit(image[:, None, :] * float(self.config.alpha))
 
     def stats(self) -> dict[str, Any]:
         return {"layers": sorted(self.layers), "rows_touched": int(self._rows), "calls_edited": self._calls}

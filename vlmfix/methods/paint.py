@@ -43,7 +43,7 @@ import torch
 
 from vlmfix.layout import Part
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, layer_set, query_positions
+from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, edit_rows, layer_set
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAINT", "PAINTRuntime", "LOCAL", "SUMMARY"]
@@ -153,6 +153,9 @@ class PAINTRuntime(Method):
         self._sens: dict[int, torch.Tensor] = {}
         self._counts = {"local": 0, "summary": 0, "image": 0}
         self._rows = 0
+        self._boost: torch.Tensor | None = None
+        self._boosted = 0
+        self._any = False
 
     def on_attach(self, handle) -> None:
         super().on_attach(handle)
@@ -185,6 +188,7 @@ class PAINTRuntime(Method):
         if self.tracker.new_sequence:
             self._sens = {}
             self.classes = None
+            self._boost = None
             self._image_sizes = kwargs.get("image_sizes")
 
     # ------------------------------------------------------------------ token classes
@@ -248,45 +252,63 @@ class PAINTRuntime(Method):
         return out
 
     # ------------------------------------------------------------------ attention
-    def pre_softmax(self, call):
+    def wants_row_stats(self, call) -> bool:
+        # The head's visual sensitivity: measured once per sequence, at the prefill, from the
+        # last row's unedited attention.
+        return (
+            self.config.head_sensitivity
+            and call.layer_idx in self.layers
+            and call.is_prefill
+            and self.tracker.new_sequence
+            and call.layer_idx not in self._sens
+        )
+
+    def _prepare(self, layout, k_len: int) -> None:
+        """Per sequence: the per-key boost ``alpha * 1[local] + beta * 1[summary]`` in a
+        buffer as long as the layout's capacity (zeros past the prompt)."""
         c = self.config
-        if call.layer_idx not in self.layers or call.layout is None or (c.alpha == 0 and c.beta == 0):
-            return None
         if self.classes is None:
-            self.classes = self._classify(call.layout)
-        dev = call.query.device
-        classes = self.classes.to(dev)
-        if classes.shape[1] < call.k_len:
-            pad = torch.zeros(classes.shape[0], call.k_len - classes.shape[1], dtype=classes.dtype, device=dev)
-            classes = torch.cat([classes, pad], dim=1)
-        classes = classes[:, : call.k_len]
-        rows = query_positions(call) >= self.tracker.last_prompt_row(call)
-        if not bool(rows.any()) or not bool((classes > 0).any()):
-            return None
-        boost = torch.where(classes == LOCAL, float(c.alpha), 0.0) + torch.where(classes == SUMMARY, float(c.beta), 0.0)
+            self.classes = self._classify(layout)
+            self._boost = None
+        if self._boost is None or self._boost.shape[1] < k_len:
+            dev = layout.labels.device
+            classes = self.classes.to(dev)
+            boost = torch.zeros(classes.shape[0], max(layout.capacity, k_len), device=dev)
+            n = min(classes.shape[1], boost.shape[1])
+            boost[:, :n] = torch.where(classes[:, :n] == LOCAL, float(c.alpha), 0.0) + torch.where(
+                classes[:, :n] == SUMMARY, float(c.beta), 0.0
+            )
+            self._boost = boost
+            self._boosted = (classes > 0).any(-1).sum()  # samples with boosted keys (device)
+            self._any = bool((classes > 0).any())  # once per sequence: a host check is fine here
+
+    def contribute(self, call, plan) -> None:
+        c = self.config
+        if call.layer_idx not in self.layers or (c.alpha == 0 and c.beta == 0):
+            return
+        self._prepare(call.layout, call.k_len)
+        rows = edit_rows(call, self.tracker)
+        if rows is False or not self._any:
+            return
         layer = call.layer_idx
-        measure = c.head_sensitivity and self.tracker.new_sequence and call.is_prefill and layer not in self._sens
-        image = call.layout.image_mask.to(dev)
-        visible = ~call.layout.pad_mask.to(dev)
+        B = call.layout.batch_size
+        if call.row_stats is not None and layer not in self._sens:
+            image = call.layout.image_mask
+            mass = (call.row_stats.probs * image[:, None, :]).sum(-1)  # [B, H]
+            top = mass.amax(-1, keepdim=True)
+            self._sens[layer] = torch.where(top > 0, mass / top.clamp_min(1e-30), torch.zeros_like(mass))
+        if c.head_sensitivity:
+            sens = self._sens.get(layer)
+            if sens is None or sens.shape[0] != B:
+                return
+            gain = sens[:, :, None] * self._boost[:, None, : call.k_len]  # [B, H, Tk]
+        else:
+            gain = self._boost[:, None, : call.k_len]  # [B, 1, Tk]
         # accumulated on the device; read (one sync) only in stats()
-        self._rows = self._rows + int(rows.sum()) * call.num_heads * (classes > 0).any(-1).sum()
-
-        def amplify(scores: torch.Tensor) -> torch.Tensor:
-            if measure:
-                last = scores[:, :, -1, :].masked_fill(~visible[:, None, :], float("-inf"))
-                mass = (torch.softmax(last, dim=-1) * image[:, None, :]).sum(-1)  # [B, H]
-                top = mass.amax(-1, keepdim=True)
-                self._sens[layer] = torch.where(top > 0, mass / top.clamp_min(1e-30), torch.zeros_like(mass))
-            if c.head_sensitivity:
-                sens = self._sens.get(layer)
-                if sens is None or sens.shape[0] != scores.shape[0]:
-                    return scores
-            else:
-                sens = torch.ones(scores.shape[:2], device=scores.device)
-            gain = sens[:, :, None, None] * boost[:, None, None, :]  # [B, H, 1, Tk]
-            return torch.where(rows[None, None, :, None], scores + gain * scores.abs(), scores)
-
-        return amplify
+        n_rows = call.q_len if rows is None else rows.sum()
+        self._rows = self._rows + n_rows * call.num_heads * self._boosted
+        plan.score_rows = rows if rows is None else rows.expand(B, -1)
+        plan.add_score_edit(gain)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -32,9 +32,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlmfix.layout import Label
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import check_layer_fields, layer_set, query_positions, rms_normalise
+from vlmfix.methods._attn_utils import check_layer_fields, layer_set, rms_normalise
 from vlmfix.methods.base import Method, MethodConfig, help_field
+from vlmfix.plan import Reweight
 
 __all__ = ["VAR", "VARRuntime", "KNOWN_SINK_DIMS", "known_sink_dims", "scaled_tau"]
 
@@ -189,7 +191,8 @@ class VARRuntime(Method):
 
     # ------------------------------------------------------------------ sinks
     def _record_sinks(self, idx: int, x: torch.Tensor) -> None:
-        """Store per-position sink flags ``[B, T]`` of layer ``idx`` (cat over decode steps)."""
+        """Write per-position sink flags of layer ``idx`` into its ``[B, capacity]`` buffer:
+        every position at a prefill, the new positions at a decode step (no growth, no sync)."""
         ctrl = self.handle.controller
         state = ctrl.layer_state(idx)
         h = rms_normalise(x, RMS_EPS)  # [B, T, E]
@@ -200,14 +203,21 @@ class VARRuntime(Method):
             else:
                 dims = self._discover(h, ctrl.layout)
             state["var_dims"] = dims
-            self._dims_seen[idx] = dims[0].tolist()
+            self._dims_seen[idx] = dims[0].tolist()  # prefill only: one sync per sequence
         dims = state["var_dims"]
         phi = h.gather(-1, dims[:, None, :].expand(B, T, dims.shape[-1])).abs().amax(-1)  # [B, T]
         sink = phi > self.config.tau
-        if ctrl.is_prefill or "var_sink" not in state:
-            state["var_sink"] = sink
-        else:
-            state["var_sink"] = torch.cat([state["var_sink"], sink], dim=1)
+        layout = ctrl.layout
+        length = layout.length if layout is not None else T
+        buf = state.get("var_sink")
+        if ctrl.is_prefill or buf is None or buf.shape[1] < length:
+            old = buf
+            cap = max(length, layout.capacity if layout is not None else length)
+            buf = torch.zeros(B, cap, dtype=torch.bool, device=h.device)
+            if old is not None and not ctrl.is_prefill:
+                buf[:, : old.shape[1]] = old
+            state["var_sink"] = buf
+        buf[:, length - T : length] = sink
 
     def _discover(self, h: torch.Tensor, layout) -> torch.Tensor:
         """Per sample, the ``num_dims`` largest ``|h|`` dims of its first non-pad token."""
@@ -221,43 +231,33 @@ class VARRuntime(Method):
         return bos.abs().topk(k, dim=-1).indices
 
     # ------------------------------------------------------------------ attention
-    def post_softmax(self, call):
-        if call.layer_idx not in self.layers or call.layout is None:
-            return None
-        sink = call.controller.layer_state(call.layer_idx).get("var_sink")
-        if sink is None or sink.shape[1] != call.k_len:
-            return None
+    def contribute(self, call, plan) -> None:
+        if call.layer_idx not in self.layers:
+            return
+        buf = call.controller.layer_state(call.layer_idx).get("var_sink")
+        if buf is None or buf.shape[1] < call.k_len:
+            return
         layout = call.layout
-        dev = call.query.device
-        image = layout.image_mask.to(dev)  # [B, Tk]
-        vsink = image & sink.to(dev)
-        nonsink = image & ~vsink
-        end = layout.image_end.to(dev)
-        after = (query_positions(call)[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
-        if call.is_prefill or call.layer_idx not in self._sinks:
-            self._sinks[call.layer_idx] = vsink.sum()  # a device tensor: read in stats()
+        sink = buf[:, : call.k_len]
+        # Sink overlay: TEXT -> TEXT_SINK, IMAGE -> IMAGE_SINK (labels + 1), PAD stays.
+        plan.labels = plan.labels + (sink & (plan.labels != Label.PAD)).to(plan.labels.dtype)
+        end = layout.image_end
+        if call.is_prefill:
+            first = call.k_len - call.q_len
+            qidx = torch.arange(first, call.k_len, device=end.device)
+            after = (qidx[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
+            self._sinks[call.layer_idx] = (sink & layout.image_mask).sum()  # device: read in stats()
+        else:
+            after = (end >= 0)[:, None].expand(-1, call.q_len)  # decode rows follow the image
         c = self.config
-        p, rho, min_mass = float(c.p), float(c.rho), float(c.min_image_mass)
+        plan.set_reweight(Reweight(rows=after, p=float(c.p), rho=float(c.rho), min_mass=float(c.min_image_mass)))
 
-        def redistribute(probs: torch.Tensor) -> torch.Tensor:
-            P_img = (probs * image[:, None, None, :]).sum(-1)  # [B, H, Tq]
-            P_sink = (probs * vsink[:, None, None, :]).sum(-1)
-            P_rest = P_img - P_sink
-            # P_sink > 0: a row without visual sinks has nothing to move (its factors are
-            # all 1), so it is not counted as redistributed.
-            rows = (P_img >= min_mass) & (P_sink > 0) & (P_sink <= rho * P_img) & (P_rest > 0) & after[:, None, :]
-            # device-side counters: no host sync per layer; stats() reads them once
-            self._rows_total = self._rows_total + after.sum() * probs.shape[1]
-            self._rows_selected = self._rows_selected + rows.sum()
-            boost = 1 + (1 - p) * P_sink / P_rest.clamp_min(torch.finfo(probs.dtype).tiny)
-            factor = torch.where(
-                vsink[:, None, None, :],
-                torch.full_like(probs, p),
-                torch.where(nonsink[:, None, None, :], boost[..., None], torch.ones_like(probs)),
-            )
-            return torch.where(rows[..., None], probs * factor, probs)
-
-        return redistribute
+    def observe(self, call, plan, result) -> None:
+        if plan.reweight is None or result.selected is None or call.layer_idx not in self.layers:
+            return
+        # device-side counters: no host sync per layer; stats() reads them once
+        self._rows_total = self._rows_total + plan.reweight.rows.sum() * call.num_heads
+        self._rows_selected = self._rows_selected + result.selected.sum()
 
     def stats(self) -> dict[str, Any]:
         total, selected = int(self._rows_total), int(self._rows_selected)

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlmfix.layout import text_layout
 from vlmfix.methods import register
 from vlmfix.methods._attn_utils import SequenceTracker, layer_set
 from vlmfix.methods.base import Method, MethodConfig, help_field
@@ -189,18 +190,20 @@ class VHRRuntime(Method):
         a_img = self._run_probe(module, "image", ctrl.layout, embeds, mask, kwargs.get("position_ids"))
         keep = mask2d.bool() & ~layout.image_mask.to(embeds.device)
         txt_embeds, txt_mask, txt_pos = _left_pack(embeds, keep)
-        a_txt = self._run_probe(module, "text", None, txt_embeds, txt_mask, txt_pos)
+        a_txt = self._run_probe(module, "text", text_layout(txt_mask), txt_embeds, txt_mask, txt_pos)
         for layer in sorted(a_img):
             self._measure_layer(layer, a_img[layer], a_txt[layer])
         return None
 
     def _run_probe(self, lm, kind: str, layout, embeds, mask, position_ids) -> dict[int, torch.Tensor]:
+        """One forward of the language model in which only VHR acts, recording the last
+        row's head outputs of every layer (unedited, from :class:`~vlmfix.plan.RowStats`)."""
         ctrl = self.handle.controller
         saved = (ctrl.layout, ctrl.state)
         ctrl.layout, ctrl.state = layout, {}
         self._probe, self._probe_out = kind, {}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), ctrl.only([self]):
                 lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
             return self._probe_out
         finally:
@@ -208,17 +211,25 @@ class VHRRuntime(Method):
             self._probe = None
 
     # ------------------------------------------------------------------ attention
-    def on_output(self, call, out: torch.Tensor) -> torch.Tensor:
+    def _measuring_one_pass(self, call) -> bool:
+        return self.config.mode == "one_pass" and call.is_prefill and self.tracker.new_sequence
+
+    def wants_row_stats(self, call) -> bool:
+        return self._probe is not None or self._measuring_one_pass(call)
+
+    def contribute(self, call, plan) -> None:
         if self._probe is not None:
-            self._probe_out[call.layer_idx] = out[:, :, -1].float().clone()
-            return out
-        if self.config.mode == "one_pass" and call.is_prefill and self.tracker.new_sequence and call.layout is not None:
-            self._measure_layer(call.layer_idx, out[:, :, -1], _text_only_last_row(call))
-        if call.layer_idx not in self.layers or self.selected is None or self.selected.shape[0] != out.shape[0]:
-            return out
-        sel = self.selected[:, call.layer_idx].to(out.device)  # [B, H]
-        scale = torch.where(sel, float(self.config.alpha), 1.0).to(out.dtype)
-        return out * scale[:, :, None, None]
+            return
+        if self._measuring_one_pass(call) and call.row_stats is not None:
+            self._measure_layer(call.layer_idx, call.row_stats.out, call.row_stats.out_text)
+        if call.layer_idx not in self.layers or self.selected is None or self.selected.shape[0] != call.layout.batch_size:
+            return
+        sel = self.selected[:, call.layer_idx]  # [B, H]
+        plan.scale_heads(torch.where(sel, float(self.config.alpha), 1.0))
+
+    def observe(self, call, plan, result) -> None:
+        if self._probe is not None and result.row_stats is not None:
+            self._probe_out[call.layer_idx] = result.row_stats.out
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -247,22 +258,6 @@ def _left_pack(embeds: torch.Tensor, keep: torch.Tensor):
             mask[b, Lp - n :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     return out, mask, pos
-
-
-def _text_only_last_row(call) -> torch.Tensor:
-    """Head outputs ``[B, H, D]`` of the last query row attending over text keys only."""
-    from vlmfix.kernels.reference import expand_kv
-
-    n_rep = call.num_heads // call.num_kv_heads
-    q = call.query[:, :, -1:].float()  # [B, H, 1, D]
-    k = expand_kv(call.key, n_rep).float()
-    v = expand_kv(call.value, n_rep).float()
-    scale = call.scaling if call.scaling is not None else q.shape[-1] ** -0.5
-    z = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, Tk]
-    text = call.layout.text_mask.to(z.device)  # the last row sees every non-pad key
-    z = z.masked_fill(~text[:, None, None, :], float("-inf"))
-    probs = torch.softmax(z, dim=-1).nan_to_num(0.0)
-    return (probs @ v)[:, :, 0]
 
 
 def vhd(model, processor, image, prompt: str, *, mode: str = "forward", apply_chat_template: bool = True):
