@@ -164,6 +164,10 @@ class Controller:
         else:
             positions = layout.positions
             mask = reference.visible_mask(layout.labels, positions[:, k_len - q_len :], positions)
+        if mask is not None:
+            # A row that may attend nothing (a left-pad query) would give NaN, which would
+            # leak into real rows through P @ V: let it see every key (its output is unused).
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
         self._mask_key, self._mask = (layout, *key), mask
         return mask
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from enum import IntEnum
+from functools import cached_property
 
 import torch
 
@@ -122,16 +123,16 @@ class Layout:
     def batch_size(self) -> int:
         return self.buffers[0].shape[0]
 
-    @property
+    @cached_property
     def image_mask(self) -> torch.Tensor:
         """Bool ``[B, L]``: image tokens (newline tokens included)."""
         return (self.labels == Label.IMAGE) | (self.labels == Label.IMAGE_SINK)
 
-    @property
+    @cached_property
     def pad_mask(self) -> torch.Tensor:
         return self.labels == Label.PAD
 
-    @property
+    @cached_property
     def text_mask(self) -> torch.Tensor:
         return (self.labels == Label.TEXT) | (self.labels == Label.TEXT_SINK)
 

@@ -135,27 +135,20 @@ def row_stats(query, key, value, visible_row: torch.Tensor, labels: torch.Tensor
 
 
 def _reweight(probs: torch.Tensor, labels: torch.Tensor, rw) -> tuple[torch.Tensor, torch.Tensor]:
-    image = labels >= IMAGE
-    image = image & (labels != PAD)
     sink = labels == IMAGE_SINK
-    p_img = (probs * image[:, None, None, :]).sum(-1)  # [B, H, Tq]
-    p_sink = (probs * sink[:, None, None, :]).sum(-1)
+    image = (labels == IMAGE) | sink
+    weights = torch.stack((image, sink), dim=-1).to(probs.dtype)[:, None]  # [B, 1, Tk, 2]
+    masses = torch.matmul(probs, weights)  # [B, H, Tq, 2]: image mass, sink mass
+    p_img, p_sink = masses[..., 0], masses[..., 1]
     p_rest = p_img - p_sink
-    selected = (
-        rw.rows[:, None, :]
-        & (p_img >= rw.min_mass)
-        & (p_sink > 0)
-        & (p_sink <= rw.rho * p_img)
-        & (p_rest > 0)
-    )
-    boost = 1 + (1 - rw.p) * p_sink / p_rest.clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, Tq]
-    rest = image & ~sink
-    factor = torch.where(
-        sink[:, None, None, :],
-        torch.full_like(probs, rw.p),
-        torch.where(rest[:, None, None, :], boost[..., None], torch.ones_like(probs)),
-    )
-    return torch.where(selected[..., None], probs * factor, probs), selected
+    selected = (p_img >= rw.min_mass) & (p_sink > 0) & (p_sink <= rw.rho * p_img) & (p_rest > 0)
+    selected = selected & rw.rows[:, None, :]
+    # factor = p on sinks, 1 + (1 - p) P_sink / P_rest on the other image keys, 1 elsewhere
+    gain = torch.where(selected, (1 - rw.p) * p_sink / p_rest.clamp_min(torch.finfo(probs.dtype).tiny), 0.0)
+    drop = selected.to(probs.dtype) * (rw.p - 1)
+    rest = weights[..., 0] - weights[..., 1]  # [B, 1, Tk]
+    factor = 1 + drop[..., None] * weights[..., 1][:, :, None] + gain[..., None] * rest[:, :, None]
+    return probs * factor, selected
 
 
 def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[torch.Tensor, PlanResult]:
@@ -163,8 +156,8 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
 
     Args:
         query: ``[B, H, Tq, D]``; key, value: ``[B, Hkv, Tk, D]``.
-        plan: the call's plan (``plan.mask`` must hold the visible mask unless
-            ``plan.plain_causal``).
+        plan: the call's plan (``plan.mask`` must hold the visible mask, with every row
+            seeing at least one key, unless ``plan.plain_causal``).
         scaling: score scale.
 
     Returns:
@@ -181,18 +174,20 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         out = attention(query, key, value, None if plan.plain_causal else mask, scaling)
     else:
         n_rep = query.shape[1] // key.shape[1]
-        if mask is None:
-            mask = as_bool_mask(None, query.shape[2], key.shape[2], query.device)
-        mask = mask | ~mask.any(dim=-1, keepdim=True)  # rows seeing nothing: finite, unused
+        q_len, k_len = query.shape[2], key.shape[2]
+        if mask is None and q_len > 1:
+            mask = as_bool_mask(None, q_len, k_len, query.device)
         k = expand_kv(key, n_rep).float()
         v = expand_kv(value, n_rep).float()
-        z = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+        z = torch.matmul(query.float() * scaling, k.transpose(-1, -2))
         if plan.score_coef is not None:
-            edit = plan.score_coef[:, :, None, :] * z.abs()
+            coef = plan.score_coef[:, :, None, :]
             if plan.score_rows is not None:
-                edit = edit * plan.score_rows[:, None, :, None]
-            z = z + edit
-        probs = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+                coef = coef * plan.score_rows[:, None, :, None]
+            z = z.addcmul_(coef, z.abs())
+        if mask is not None:  # (a decode row without padding sees every key)
+            z = z.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(z, dim=-1)
         if plan.reweight is not None:
             probs, result.selected = _reweight(probs, plan.labels, plan.reweight)
         out = torch.matmul(probs, v).to(query.dtype)

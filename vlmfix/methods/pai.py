@@ -70,6 +70,9 @@ class PAIRuntime(Method):
         self.layers: frozenset[int] = frozenset()
         self._rows = 0
         self._calls = 0
+        self._row_counts: dict = {}  # id -> [device count of samples with an image, host row-heads]
+        self._cached = None
+        self._samples = None
 
     def on_attach(self, handle) -> None:
         super().on_attach(handle)
@@ -86,12 +89,23 @@ class PAIRuntime(Method):
         if rows is False:
             return
         self._calls += 1
-        image = call.layout.image_mask  # [B, Tk]
-        # accumulated on the device (no sync); read once in stats()
-        n_rows = call.q_len if rows is None else rows.sum()
-        self._rows = self._rows + n_rows * call.num_heads * image.any(-1).sum()
-        plan.score_rows = rows if rows is None else rows.expand(image.shape[0], -1)
-        plan.add_score_edit(image[:, None, :] * float(self.config.alpha))
+        layout = call.layout
+        if self._cached is None or self._cached[0] is not layout:  # once per forward, not per layer
+            image = layout.image_mask  # [B, Tk]
+            if call.is_prefill or self._samples is None:  # samples with an image: once per sequence
+                self._samples = image.any(-1).sum()
+                self._row_counts[id(self._samples)] = [self._samples, 0]
+            self._cached = (layout, image[:, None, :] * float(self.config.alpha))
+        coef = self._cached[1]
+        # telemetry without a device op per layer: decode rows are counted on the host and
+        # multiplied by the (device) number of samples with an image once, in stats()
+        if rows is None:
+            self._row_counts[id(self._samples)][1] += call.q_len * call.num_heads
+        else:
+            self._rows = self._rows + rows.sum() * call.num_heads * self._samples
+        plan.score_rows = rows if rows is None else rows.expand(layout.batch_size, -1)
+        plan.add_score_edit(coef)
 
     def stats(self) -> dict[str, Any]:
-        return {"layers": sorted(self.layers), "rows_touched": int(self._rows), "calls_edited": self._calls}
+        rows = int(self._rows) + sum(int(n) * k for n, k in self._row_counts.values())
+        return {"layers": sorted(self.layers), "rows_touched": rows, "calls_edited": self._calls}
