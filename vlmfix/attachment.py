@@ -118,6 +118,8 @@ class AttachHandle:
             h.remove()
         self._hooks.clear()
         attention.unbind(self._modules)
+        if attention._IN_FLIGHT.get("controller") is self.controller:
+            attention.set_in_flight(None)
         self._restore_attn()
         attention.unregister()
         if _ACTIVE.get(self.model) is self:
@@ -193,6 +195,7 @@ class AttachHandle:
             ctrl.begin_forward(is_prefill=False)
         for m in self.methods:
             m.on_forward(self, kwargs)
+        attention.set_in_flight(ctrl)
         return None
 
     def _pre_lm_forward(self, module, args, kwargs):

@@ -38,6 +38,8 @@ BACKENDS = ("reference", "triton")
 # attention module -> controller of the model it belongs to (weak: no leaks).
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _REGISTRATION = {"count": 0, "owned": False}
+# The controller whose attached model forward is running (see set_in_flight).
+_IN_FLIGHT: dict[str, Controller | None] = {"controller": None}
 
 
 @dataclass
@@ -300,10 +302,21 @@ def vlmfix_attention(
     return controller.attend(module, query, key, value, attention_mask, scaling)
 
 
+def set_in_flight(controller: Controller | None) -> None:
+    """Record the controller whose model forward is running (set by attach's pre-hook)."""
+    _IN_FLIGHT["controller"] = controller
+
+
 def vlmfix_mask(*args, **kwargs):
-    """The mask function registered as ``"vlmfix"``: transformers' boolean sdpa mask,
-    always materialised (never skipped in favour of ``is_causal``), so the attention
-    function always knows exactly which keys each query may see."""
+    """The mask function registered as ``"vlmfix"``.
+
+    While an attached forward has a layout, the attention function builds masks from token
+    positions itself, so no mask is materialised here (``None``). Otherwise this is
+    transformers' boolean sdpa mask, always materialised (never skipped in favour of
+    ``is_causal``), so the attention function knows exactly which keys each query sees."""
+    ctrl = _IN_FLIGHT.get("controller")
+    if ctrl is not None and ctrl.layout is not None and not ctrl.custom_mask:
+        return None
     return _compat.sdpa_bool_mask(*args, **kwargs)
 
 
