@@ -88,13 +88,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--image-ids", metavar="FILE", help="caption exactly these image ids (one per line)")
     c.add_argument("--prompt", default=None, help="captioning prompt")
     c.add_argument("--normalizer", default=None, help="lemma (default, WordNet-compatible) | plural")
+    c.add_argument(
+        "--dedupe",
+        choices=("first", "last"),
+        default=None,
+        help="an image captioned twice in --captions: keep its first or last caption (default: error)",
+    )
     _common(c)
     c.set_defaults(func=cmd_chair)
 
     k = subparsers.add_parser("compare", help="one table and plot for several eval output folders")
     k.add_argument("runs", nargs="+", metavar="DIR", help="run folders holding results.json")
     k.add_argument("--out", required=True, metavar="DIR")
+    _bootstrap_options(k)
     k.set_defaults(func=cmd_compare)
+
+
+def _bootstrap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (1000)"
+    )
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="S", help="seed of the bootstrap (0)")
+
+
+def _bootstrap_spec(args: argparse.Namespace):
+    from vlmfix.eval.bootstrap import BootstrapSpec
+
+    return BootstrapSpec(n_resamples=args.bootstrap, seed=args.bootstrap_seed)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,6 +123,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (per split)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--label", default=None, help="name of this run in reports and comparisons")
+    _bootstrap_options(p)
     try:
         from vlmfix.cli_common import add_model_options
     except ImportError:  # the core CLI is not installed: keep the options this module uses
@@ -248,6 +269,7 @@ def cmd_pope(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 1),
         run_info=info,
         progress=not args.no_progress,
+        bootstrap=_bootstrap_spec(args),
     )
     return _summary(results, out)
 
@@ -261,7 +283,7 @@ def cmd_chair(args: argparse.Namespace) -> int:
     gt = load_ground_truth(args.annotations, args.normalizer)
     out = Path(args.out)
     if args.captions:
-        samples = caption_samples(args.captions, gt)
+        samples = caption_samples(args.captions, gt, dedupe=args.dedupe)
         fn, info = None, {"captions": str(args.captions), "model_id": None, "methods": []}
         info["label"] = args.label or Path(args.captions).stem
     else:
@@ -285,6 +307,7 @@ def cmd_chair(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 1),
         run_info=info,
         progress=not args.no_progress,
+        bootstrap=_bootstrap_spec(args),
     )
     return _summary(results, out)
 
@@ -293,7 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``vlmfix eval compare``; return the exit code."""
     from vlmfix.eval.report import compare_runs
 
-    path = compare_runs(args.runs, args.out)
+    path = compare_runs(args.runs, args.out, bootstrap=_bootstrap_spec(args))
     print(path.read_text(encoding="utf-8"))
     return 0
 

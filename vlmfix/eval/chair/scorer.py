@@ -20,7 +20,10 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vlmfix.errors import ConfigError
+from vlmfix.eval.bootstrap import BootstrapSpec, bootstrap_intervals, group_counts, safe_div
 from vlmfix.eval.chair.text import Token, singularize, tokenize, verb_base_candidates
 from vlmfix.eval.chair.vocab import PHRASES, WORD_TO_CATEGORY
 
@@ -36,6 +39,10 @@ __all__ = [
     "DEFAULT_NORMALIZER",
     "categories_in",
     "check_normalizer",
+    "CHAIR_RATIOS",
+    "chair_unit_counts",
+    "chair_metric_fn",
+    "chair_intervals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -209,6 +216,56 @@ def chair_metrics(scores: Iterable[CaptionScore | dict]) -> dict:
         "n_found_objects": n_found,
         "n_tokens": n_tokens,
     }
+
+
+#: The ratio metrics that carry a bootstrap interval (Len is a mean, it gets one too).
+CHAIR_RATIOS = ("CHAIR_s", "CHAIR_i", "Recall", "Len")
+
+
+def _count_vector(d: dict) -> list[int]:
+    # captions, hallucinated captions, mentions, hallucinated mentions, GT objects, found, tokens
+    return [
+        1,
+        bool(d["hallucinated"]),
+        len(d["mentions"]),
+        len(d["hallucinated"]),
+        len(d["ground_truth"]),
+        len(d["found"]),
+        d["n_tokens"],
+    ]
+
+
+def chair_unit_counts(records: Iterable[dict]) -> tuple[list, np.ndarray]:
+    """Per-image CHAIR counts for the bootstrap: ``(image ids, [images, 7] counts)``.
+
+    Records are scored captions (``CaptionScore.to_dict()`` plus ``image_id``); error
+    records are skipped. Several captions of one image are one unit.
+    """
+    ok = [r for r in records if "error" not in r]
+    return group_counts(ok, lambda r: r.get("image_id", r.get("key")), _count_vector)
+
+
+def chair_metric_fn(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised CHAIR metrics for :mod:`vlmfix.eval.bootstrap`: ``[R, 7]`` -> ``{metric: [R]}``."""
+    caps, hall_caps, mentions, hall, gt, found, tokens = (totals[:, j] for j in range(7))
+    return {
+        "CHAIR_s": safe_div(hall_caps, caps),
+        "CHAIR_i": safe_div(hall, mentions),
+        "Recall": safe_div(found, gt),
+        "Len": safe_div(tokens, caps),
+    }
+
+
+def chair_intervals(records: Iterable[dict], spec: BootstrapSpec | None = None) -> tuple[dict[str, list[float]], int]:
+    """Bootstrap intervals of CHAIR_s, CHAIR_i, Recall and Len over images.
+
+    Returns:
+        ``({metric: [low, high]}, n_images)``.
+    """
+    images, counts = chair_unit_counts(records)
+    if not images:
+        counts = np.zeros((0, 7))
+    return bootstrap_intervals(counts, chair_metric_fn, spec), len(images)
 
 
 def _ratio(num: int, den: int, name: str, what: str) -> float:

@@ -7,13 +7,13 @@ the 2910-question random split LLaVA-1.5 evaluated on) and one pretty-printed JS
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmfix.errors import DataError
+from vlmfix.eval.records import parse_array as _parse_array
+from vlmfix.eval.records import parse_lines as _parse_lines
 from vlmfix.io import JsonlWriter
 
 __all__ = ["PopeQuestion", "load_questions", "load_answers", "write_questions", "split_name", "SPLITS"]
@@ -75,54 +75,6 @@ def load_questions(path: str | os.PathLike) -> list[PopeQuestion]:
         seen[q.question_id] = lineno
         questions.append(q)
     return questions
-
-
-def _parse_lines(path: Path, text: str) -> list[tuple[int, object]]:
-    items = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((lineno, json.loads(line)))
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({exc}); fix or remove that line") from None
-    return items
-
-
-def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
-    """Parse a JSON array element by element so that errors name the element's line."""
-    dec = json.JSONDecoder()
-    ws = re.compile(r"\s*")
-    pos = text.index("[") + 1
-    line, counted = 1, 0  # line number at offset `counted`, advanced incrementally
-
-    def line_at(offset: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, offset)
-        counted = offset
-        return line
-
-    items = []
-    while True:
-        pos = ws.match(text, pos).end()
-        if pos < len(text) and text[pos] == "]":
-            break
-        lineno = line_at(pos)
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON array element ({exc})") from None
-        items.append((lineno, obj))
-        pos = ws.match(text, pos).end()
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos < len(text) and text[pos] == "]":
-            break
-        else:
-            raise DataError(f"{path}:{line_at(pos)}: expected ',' or ']' in the JSON array")
-    if text[pos + 1 :].strip():
-        raise DataError(f"{path}:{line_at(pos)}: unexpected data after the JSON array")
-    return items
 
 
 def _validate(path: Path, lineno: int, rec: object) -> PopeQuestion:
