@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--answers",
         action="append",
         metavar="FILE",
-        help="score existing answers (JSON lines with question_id and text), one per --questions file",
+        help="score existing answers instead of asking a model: one file per --questions file, or one "
+        "merged file for all (LLaVA answers, lmms-eval / VLMEvalKit per-sample dumps)",
     )
     p.add_argument(
         "--split",
@@ -212,9 +213,9 @@ def cmd_pope(args: argparse.Namespace) -> int:
     from vlmfix.eval.pope import (
         SPLITS,
         build_questions,
-        load_answers,
         load_coco_objects,
         load_questions,
+        load_split_answers,
         split_name,
         write_questions,
     )
@@ -244,9 +245,9 @@ def cmd_pope(args: argparse.Namespace) -> int:
         raise ConfigError("give --questions FILE or --build-from ANNOTATIONS")
     answers = None
     if args.answers:  # checked against the full question files, before --limit
-        if not args.questions or len(args.answers) != len(args.questions):
-            raise ConfigError("--answers needs one --questions file per answers file, in the same order")
-        answers = {name: load_answers(a, qs) for (name, qs), a in zip(splits.items(), args.answers, strict=True)}
+        if not args.questions:
+            raise ConfigError("--answers needs the --questions files the answers were generated from")
+        answers = load_split_answers(args.answers, splits)
     if args.limit is not None:
         splits = {k: v[: args.limit] for k, v in splits.items()}
     if answers is not None:
