@@ -161,6 +161,7 @@ def test_is_unit_needs_a_unit_word():
         ("One TV is on the wall and a Kitty sits below.", ["tv", "cat"]),  # acronym; lone capital
         ("A cat sleeps. Cat toys lie around.", ["cat", "cat"]),  # sentence start is no name
         ("A DOG AND A CAT ON A SOFA.", ["dog", "cat", "couch"]),  # all capitals: no signal
+        ("The laptop is an Apple MacBook Pro.", ["laptop", "laptop"]),  # a brand that is the object
     ],
 )
 def test_capitalized_names_are_not_objects(caption, expected):

@@ -63,6 +63,10 @@ UNIT_WORDS = frozenset({"meter", "metre"})
 _UNIT_BEFORE = frozenset({"square", "cubic", "per"})
 _DIMENSIONS = frozenset({"away", "tall", "long", "high", "wide", "deep", "apart", "thick", "across", "above", "below"})
 
+# Vocabulary words that are brand names of the object itself: capitalized, they still
+# name it ("an Apple MacBook Pro" is a laptop, "a Jeep" a car).
+_BRAND_OBJECTS = frozenset({"macbook", "iphone", "jeep", "frisbee", "airbus", "televison"})
+
 _SENTENCE_END = frozenset({".", "!", "?", ":", ";", "...", '"', "“", "”"})
 
 
@@ -137,7 +141,8 @@ def is_name_part(tokens: Sequence[Token], i: int, caption: str) -> bool:
     True when the token is capitalized (not an all-capitals acronym such as "TV"), is not
     the first word of a sentence, and a neighbouring token is a capitalized content word
     (not "A", "The", "One", "I", ...): "a Hello Kitty backpack", "a Mickey Mouse doll",
-    a sign reading "City Bus". Captions written mostly in capitals
+    a sign reading "City Bus". Brand names that are the object itself ("MacBook",
+    "iPhone", "Jeep") stay mentions. Captions written mostly in capitals
     (more than 60% of the words) carry no such signal and are left alone.
     """
     tok = tokens[i]
@@ -146,6 +151,8 @@ def is_name_part(tokens: Sequence[Token], i: int, caption: str) -> bool:
         return False
     if len(surface) > 1 and surface.replace(" ", "").isupper():
         return False  # an acronym written as always ("TV"), not a capitalized name
+    if tok.text in _BRAND_OBJECTS:
+        return False
     words = [t for t in tokens if t.text[:1].isalpha()]
     if words and sum(_capitalized(caption, t) for t in words) > 0.6 * len(words):
         return False
