@@ -143,3 +143,12 @@ def test_records_without_id_or_answer_name_the_line(tmp_path, splits):
     path = _write(tmp_path / "c.jsonl", [{"question_id": 1, "text": "Yes"}, {"text": "No"}])
     with pytest.raises(DataError, match=r"c\.jsonl:2: no question id"):
         load_answers(path, splits["random"])
+
+
+def test_a_dump_of_several_splits_scores_one_question_file_or_names_the_splits(tmp_path, splits):
+    recs = [_lmms_record(q, s, _answer(q, s), i) for s, qs in splits.items() for i, q in enumerate(qs)]
+    path = _write(tmp_path / "samples_pope.jsonl", recs)
+    assert load_split_answers([path], {"popular": splits["popular"]}) == {"popular": _expected(splits)["popular"]}
+    renamed = {f"coco_pope_{k}": v for k, v in splits.items()}
+    with pytest.raises(DataError, match=r"name the splits .*adversarial.*--split"):
+        load_split_answers([path], renamed)

@@ -261,7 +261,13 @@ def load_split_answers(
         DataError: the answers do not match the questions one to one.
     """
     if len(paths) == len(splits):
-        return {name: load_answers(p, qs) for (name, qs), p in zip(splits.items(), paths, strict=True)}
+        out = {}
+        for (name, qs), p in zip(splits.items(), paths, strict=True):
+            records = read_answer_records(p)
+            if name in {r.split for r in records}:  # a dump of several splits: keep this one
+                records = [r for r in records if r.split == name]
+            out[name] = _match(Path(p), records, qs, split=name if len(splits) > 1 else "")
+        return out
     if len(paths) != 1:
         raise ConfigError(
             f"{len(paths)} --answers files for {len(splits)} --questions files; give one answers file per "
@@ -270,7 +276,12 @@ def load_split_answers(
     path = Path(paths[0])
     records = read_answer_records(path)
     named = {r.split for r in records}
-    if named <= set(splits) and None not in named:
+    if None not in named:
+        if not named <= set(splits):
+            raise DataError(
+                f"{path}: its records name the splits {sorted(named)}, but the --questions files are "
+                f"{list(splits)}; name each question file with --split (e.g. --split random)"
+            )
         groups = {s: [r for r in records if r.split == s] for s in splits}
         return {s: _match(path, groups[s], splits[s], split=s) for s in splits}
     return _by_offsets(path, records, splits)
