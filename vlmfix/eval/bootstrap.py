@@ -119,11 +119,25 @@ def group_counts(
     return list(index), np.stack(rows)
 
 
-def _weights(n_units: int, spec: BootstrapSpec) -> np.ndarray:
-    """``[R, n_units]`` resample multiplicities: how often each unit is drawn."""
+_CHUNK_CELLS = 4_000_000  # resamples x units held in memory at once (32 MB of float64)
+
+
+def _resampled_totals(count_mats: Sequence[np.ndarray], spec: BootstrapSpec) -> list[np.ndarray]:
+    """``[R, K]`` summed counts of every matrix in ``count_mats`` (all ``[U, K]``) under the
+    same ``R`` resamples of the ``U`` units, drawn in chunks so memory stays bounded."""
+    n_units = count_mats[0].shape[0]
     rng = np.random.default_rng(spec.seed)
-    draws = rng.integers(0, n_units, size=(spec.n_resamples, n_units))
-    return np.stack([np.bincount(row, minlength=n_units) for row in draws]).astype(float)
+    chunk = max(1, _CHUNK_CELLS // max(1, n_units))
+    parts: list[list[np.ndarray]] = [[] for _ in count_mats]
+    for start in range(0, spec.n_resamples, chunk):
+        rows = min(chunk, spec.n_resamples - start)
+        draws = rng.integers(0, n_units, size=(rows, n_units))
+        # multiplicity of each unit in each resample: [rows, U]
+        flat = (draws + (np.arange(rows) * n_units)[:, None]).ravel()
+        weights = np.bincount(flat, minlength=rows * n_units).reshape(rows, n_units).astype(float)
+        for part, mat in zip(parts, count_mats, strict=True):
+            part.append(weights @ mat)
+    return [np.concatenate(p) for p in parts]
 
 
 def _percentiles(values: np.ndarray, level: float) -> list[float]:
@@ -149,7 +163,7 @@ def bootstrap_intervals(counts: np.ndarray, metric_fn: MetricFn, spec: Bootstrap
         raise DataError(f"bootstrap counts must be a [units, K] matrix, got shape {counts.shape}")
     if counts.shape[0] == 0:
         return {name: [0.0, 0.0] for name in metric_fn(np.zeros((1, counts.shape[1])))}
-    totals = _weights(counts.shape[0], spec) @ counts
+    (totals,) = _resampled_totals([counts], spec)
     return {name: _percentiles(np.asarray(v, dtype=float), spec.level) for name, v in metric_fn(totals).items()}
 
 
@@ -193,8 +207,8 @@ def paired_differences(
         raise DataError(f"paired runs count different things per image ({ca.shape[1]} vs {cb.shape[1]} counts)")
     point_a = {k: float(np.asarray(v)[0]) for k, v in metric_fn(ca.sum(0, keepdims=True)).items()}
     point_b = {k: float(np.asarray(v)[0]) for k, v in metric_fn(cb.sum(0, keepdims=True)).items()}
-    w = _weights(len(shared), spec)
-    ra, rb = metric_fn(w @ ca), metric_fn(w @ cb)
+    ta, tb = _resampled_totals([ca, cb], spec)
+    ra, rb = metric_fn(ta), metric_fn(tb)
     metrics = {}
     for name in point_a:
         lo, hi = _percentiles(np.asarray(rb[name]) - np.asarray(ra[name]), spec.level)

@@ -181,7 +181,7 @@ def score_caption(caption: str, ground_truth: Iterable[str], normalizer: str = D
     """Score one caption against the COCO categories present in its image.
 
     Args:
-        caption: the generated caption (non-empty).
+        caption: the generated caption (an empty one has no tokens and no mentions).
         ground_truth: COCO category names present in the image.
         normalizer: one of :data:`NORMALIZERS`.
 
