@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--answers",
         action="append",
         metavar="FILE",
-        help="score existing answers (JSON lines with question_id and text), one per --questions file",
+        help="score existing answers instead of asking a model: one file per --questions file, or one "
+        "merged file for all (LLaVA answers, lmms-eval / VLMEvalKit per-sample dumps)",
     )
     p.add_argument(
         "--split",
@@ -88,13 +89,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--image-ids", metavar="FILE", help="caption exactly these image ids (one per line)")
     c.add_argument("--prompt", default=None, help="captioning prompt")
     c.add_argument("--normalizer", default=None, help="lemma (default, WordNet-compatible) | plural")
+    c.add_argument(
+        "--dedupe",
+        choices=("first", "last"),
+        default=None,
+        help="an image captioned twice in --captions: keep its first or last caption (default: error)",
+    )
     _common(c)
     c.set_defaults(func=cmd_chair)
 
     k = subparsers.add_parser("compare", help="one table and plot for several eval output folders")
     k.add_argument("runs", nargs="+", metavar="DIR", help="run folders holding results.json")
     k.add_argument("--out", required=True, metavar="DIR")
+    _bootstrap_options(k)
     k.set_defaults(func=cmd_compare)
+
+
+def _bootstrap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (1000)"
+    )
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="S", help="seed of the bootstrap (0)")
+
+
+def _bootstrap_spec(args: argparse.Namespace):
+    from vlmfix.eval.bootstrap import BootstrapSpec
+
+    return BootstrapSpec(n_resamples=args.bootstrap, seed=args.bootstrap_seed)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,6 +124,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (per split)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--label", default=None, help="name of this run in reports and comparisons")
+    _bootstrap_options(p)
     try:
         from vlmfix.cli_common import add_model_options
     except ImportError:  # the core CLI is not installed: keep the options this module uses
@@ -191,9 +213,9 @@ def cmd_pope(args: argparse.Namespace) -> int:
     from vlmfix.eval.pope import (
         SPLITS,
         build_questions,
-        load_answers,
         load_coco_objects,
         load_questions,
+        load_split_answers,
         split_name,
         write_questions,
     )
@@ -223,9 +245,9 @@ def cmd_pope(args: argparse.Namespace) -> int:
         raise ConfigError("give --questions FILE or --build-from ANNOTATIONS")
     answers = None
     if args.answers:  # checked against the full question files, before --limit
-        if not args.questions or len(args.answers) != len(args.questions):
-            raise ConfigError("--answers needs one --questions file per answers file, in the same order")
-        answers = {name: load_answers(a, qs) for (name, qs), a in zip(splits.items(), args.answers, strict=True)}
+        if not args.questions:
+            raise ConfigError("--answers needs the --questions files the answers were generated from")
+        answers = load_split_answers(args.answers, splits)
     if args.limit is not None:
         splits = {k: v[: args.limit] for k, v in splits.items()}
     if answers is not None:
@@ -248,6 +270,7 @@ def cmd_pope(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 1),
         run_info=info,
         progress=not args.no_progress,
+        bootstrap=_bootstrap_spec(args),
     )
     return _summary(results, out)
 
@@ -261,7 +284,7 @@ def cmd_chair(args: argparse.Namespace) -> int:
     gt = load_ground_truth(args.annotations, args.normalizer)
     out = Path(args.out)
     if args.captions:
-        samples = caption_samples(args.captions, gt)
+        samples = caption_samples(args.captions, gt, dedupe=args.dedupe)
         fn, info = None, {"captions": str(args.captions), "model_id": None, "methods": []}
         info["label"] = args.label or Path(args.captions).stem
     else:
@@ -285,6 +308,7 @@ def cmd_chair(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 1),
         run_info=info,
         progress=not args.no_progress,
+        bootstrap=_bootstrap_spec(args),
     )
     return _summary(results, out)
 
@@ -293,7 +317,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``vlmfix eval compare``; return the exit code."""
     from vlmfix.eval.report import compare_runs
 
-    path = compare_runs(args.runs, args.out)
+    path = compare_runs(args.runs, args.out, bootstrap=_bootstrap_spec(args))
     print(path.read_text(encoding="utf-8"))
     return 0
 

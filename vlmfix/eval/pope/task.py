@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.eval.bootstrap import BootstrapSpec
 from vlmfix.eval.pope.data import PopeQuestion
-from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_metrics
+from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_intervals, pope_metrics
 from vlmfix.eval.pope.parsers import apply_template, get_parser, get_template
 from vlmfix.eval.report import write_report, write_results
 from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, replace_records, run_samples
@@ -33,6 +34,7 @@ def run_pope(
     answers: Mapping[str, Mapping[int | str, str]] | None = None,
     ctx: DistContext | None = None,
     progress: bool = False,
+    bootstrap: BootstrapSpec | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model on POPE question sets and write ``out_dir``.
 
@@ -50,6 +52,8 @@ def run_pope(
             ``{question_id: text}`` (from :func:`load_answers`); ``generate_fn`` may be None.
         ctx: distributed context (default: from the environment).
         progress: show a progress bar.
+        bootstrap: resamples / seed of the 95% intervals over images (default
+            :class:`BootstrapSpec`: 1000 resamples, seed 0).
 
     Returns:
         The results dict on rank 0 (also written to ``results.json``), None elsewhere.
@@ -112,7 +116,7 @@ def run_pope(
     results = {
         "task": "pope",
         "splits": {},
-        **score_pope_records(records, parser),
+        **score_pope_records(records, parser, bootstrap=bootstrap),
         "template": template,
         "model_id": run_info.pop("model_id", None),
         "methods": run_info.pop("methods", []),
@@ -123,13 +127,18 @@ def run_pope(
     return results
 
 
-def score_pope_records(records: Sequence[dict[str, Any]], parser: str = "pope_official") -> dict[str, Any]:
-    """Compute per-split POPE metrics from per-sample records.
+def score_pope_records(
+    records: Sequence[dict[str, Any]], parser: str = "pope_official", *, bootstrap: BootstrapSpec | None = None
+) -> dict[str, Any]:
+    """Compute per-split POPE metrics, with bootstrap intervals, from per-sample records.
 
     Answers are re-parsed with ``parser`` from the raw ``answer`` text, so a resumed or
     re-scored run never mixes parsers. Error records are excluded from the metrics and
-    counted in ``n_errors`` (per split and in total).
+    counted in ``n_errors`` (per split and in total). Every ratio metric of a split gets
+    ``ci[metric] = [low, high]`` and ``mean_f1`` gets ``mean_f1_ci``: seeded percentile
+    bootstrap over images (``bootstrap`` in the result records resamples and seed).
     """
+    spec = bootstrap or BootstrapSpec()
     answer_parser = get_parser(parser)
     by_split: dict[str, list[dict]] = {}
     for rec in records:
@@ -144,11 +153,17 @@ def score_pope_records(records: Sequence[dict[str, Any]], parser: str = "pope_of
         metrics["n_errors"] = len(bad)
         splits[split] = metrics
         errors += [{"key": r["key"], "error": r["error"]} for r in bad]
+    scored = [{**r, "pred": answer_parser(r["answer"])} for r in records if "error" not in r]
+    ci, mean_ci, n_images = pope_intervals(scored, list(splits), spec)
+    for split, metrics in splits.items():
+        metrics["ci"] = ci[split]
     if errors:
         logger.warning("POPE: %d samples failed and are not in the metrics (first: %s)", len(errors), errors[0])
     return {
         "splits": splits,
         "mean_f1": mean_f1(splits),
+        "mean_f1_ci": mean_ci,
+        "bootstrap": spec.to_dict(n_images),
         "parser": answer_parser.to_dict(),
         "metric_version": POPE_METRIC_VERSION,
         "n_samples": len(records),
