@@ -57,12 +57,16 @@ class Reweight:
     Attributes:
         rows: bool ``[B, Tq]``, rows eligible for reweighting.
         p, rho, min_mass: the rule's constants.
+        weights: optional fp32 ``[B, 1, Tk, 2]``, per key (is image, is image sink), the
+            same information as the plan's labels, prepared once per sequence so a decode
+            step need not rebuild it.
     """
 
     rows: torch.Tensor
     p: float
     rho: float
     min_mass: float
+    weights: torch.Tensor | None = None
 
 
 @dataclass

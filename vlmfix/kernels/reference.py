@@ -121,8 +121,10 @@ def row_stats(query, key, value, visible_row: torch.Tensor, labels: torch.Tensor
 
 
 def _reweight(probs: torch.Tensor, labels: torch.Tensor, rw) -> tuple[torch.Tensor, torch.Tensor]:
-    sink = labels == IMAGE_SINK
-    weights = torch.stack(((labels == IMAGE) | sink, sink), dim=-1).to(probs.dtype)[:, None]  # [B, 1, Tk, 2]
+    weights = rw.weights
+    if weights is None:
+        sink = labels == IMAGE_SINK
+        weights = torch.stack(((labels == IMAGE) | sink, sink), dim=-1).to(probs.dtype)[:, None]  # [B, 1, Tk, 2]
     masses = torch.matmul(probs, weights)  # [B, H, Tq, 2]: image mass, sink mass
     p_img, p_sink = masses.unbind(-1)
     p_rest = p_img - p_sink
