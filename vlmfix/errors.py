@@ -30,3 +30,7 @@ class DataError(VlmfixError, ValueError):
 
 class StateError(VlmfixError, RuntimeError):
     """An operation was used in the wrong state (e.g. removing a handle twice)."""
+
+
+class BackendUnavailableError(VlmfixError, RuntimeError):
+    """An attention backend was forced where it cannot run (e.g. ``triton`` without CUDA)."""

@@ -1,0 +1,710 @@
+"""Triton kernels and launchers of :mod:`vlmfix.kernels.plan_attention` (imported on first use).
+
+Scores are kept in base 2: ``z2 = q·k * scale * log2(e)``; the pre-softmax edit
+``z + c|z|`` commutes with that positive factor, so it is applied to ``z2`` directly.
+Rows start at a finite running max (``_M_INIT``) so that a tile with no visible key gives
+``exp2(-inf - m) = 0`` instead of ``exp2(-inf + inf) = NaN``.
+
+Block sizes are fixed, not autotuned (they were chosen without a GPU to tune on): prefill
+tiles of 128 query rows x 64 keys with 8 warps, the usual choice for flash attention on
+H100-class GPUs at D <= 128; with reweighting (two sweeps over the keys) 64 x 64 with 4
+warps, to keep more programs in flight; under the interpreter 64 x 64. Decode tiles hold
+every query row of every query head of one KV head (padded to at least 16 rows for
+``tl.dot``) against 64 keys; the number of key slices fills the GPU about twice over.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from vlmfix.kernels import dispatch
+
+LOG2E = 1.4426950408889634
+_M_INIT = -1.0e30
+
+TEXT_SINK = 1
+IMAGE = 2
+IMAGE_SINK = 3
+PAD = 4
+_NO_POS = 1 << 30
+
+
+@triton.jit
+def _scores(
+    q,
+    K,
+    kv_base,
+    offs_n,
+    offs_d,
+    stk,
+    Tk,
+    D,
+    Labels,
+    lab_base,
+    KPos,
+    kpos_base,
+    qpos,
+    pre_row,
+    coef,
+    qk_scale,
+    HAS_PRE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Base-2 scores of one key tile, edited and masked: ``[rows, BLOCK_N]``; and the tile's labels."""
+    n_ok = offs_n < Tk
+    lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
+    kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0)
+    kt = tl.load(
+        K + kv_base + offs_n[None, :] * stk + offs_d[:, None], mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0
+    )
+    z = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if HAS_PRE:
+        z = tl.where(pre_row[:, None], z + coef * tl.abs(z), z)
+    vis = (lab != PAD)[None, :] & (kpos[None, :] <= qpos[:, None])
+    z = tl.where(vis, z, float("-inf"))
+    return z, lab
+
+
+@triton.jit
+def _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
+    """Whether any key of the tile can be visible to some row of the program (causal skip)."""
+    n_ok = offs_n < Tk
+    lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
+    kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0)
+    kmin = tl.min(tl.where(lab != PAD, kpos, _NO_POS), axis=0)
+    return kmin <= qpos_max
+
+
+@triton.jit
+def _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass):
+    """VAR's selection and per-segment factors from the per-row segment sums."""
+    L = l_t + l_s + l_r
+    Ls = tl.where(L > 0, L, 1.0)
+    p_sink = l_s / Ls
+    p_rest = l_r / Ls
+    p_img = p_sink + p_rest
+    sel = rows_rw & (p_img >= rw_min_mass) & (p_sink > 0) & (p_sink <= rw_rho * p_img) & (p_rest > 0)
+    c_sink = tl.where(sel, rw_p, 1.0)
+    c_rest = tl.where(sel, 1.0 + (1.0 - rw_p) * p_sink / tl.where(p_rest > 0, p_rest, 1.0), 1.0)
+    return sel, c_sink, c_rest, Ls
+
+
+@triton.jit
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Sel,
+    Labels,
+    QPos,
+    KPos,
+    PreRows,
+    PreCoef,
+    RwRows,
+    HeadScale,
+    qk_scale,
+    rw_p,
+    rw_rho,
+    rw_min_mass,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    slb,
+    sqpb,
+    skpb,
+    sprb,
+    spcb,
+    spch,
+    srwb,
+    shsb,
+    ssb,
+    ssh,
+    H,
+    N_REP,
+    Tq,
+    Tk,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_PRE: tl.constexpr,
+    HAS_RW: tl.constexpr,
+    HAS_HS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // N_REP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    qpos = tl.load(QPos + b * sqpb + offs_m, mask=m_ok, other=-1)
+    qpos_max = tl.max(qpos, axis=0)
+    if HAS_PRE:
+        pre_row = tl.load(PreRows + b * sprb + offs_m, mask=m_ok, other=0) != 0
+    else:
+        pre_row = m_ok
+    k_base = b * skb + hk * skh
+    v_base = b * svb + hk * svh
+    lab_base = b * slb
+    kpos_base = b * skpb
+
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)  # all segments, or text only with HAS_RW
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
+            if HAS_PRE:
+                coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
+            else:
+                coef = 0.0
+            z, lab = _scores(
+                q,
+                K,
+                k_base,
+                offs_n,
+                offs_d,
+                skt,
+                Tk,
+                D,
+                Labels,
+                lab_base,
+                KPos,
+                kpos_base,
+                qpos,
+                pre_row,
+                coef,
+                qk_scale,
+                HAS_PRE,
+                DOT_PREC,
+            )
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(z - m_new[:, None])
+            if HAS_RW:
+                is_s = (lab == IMAGE_SINK)[None, :]
+                is_r = (lab == IMAGE)[None, :]
+                l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
+                l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
+                l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
+            else:
+                l_t = l_t * alpha + tl.sum(p, axis=1)
+                vt = tl.load(
+                    V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                    mask=(offs_n[:, None] < Tk) & d_ok[None, :],
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+    if HAS_RW:
+        # Second sweep: the row max and the segment sums are final, so every key's weight
+        # c_seg * exp2(z - m) / L is known and one accumulator suffices.
+        rows_rw = tl.load(RwRows + b * srwb + offs_m, mask=m_ok, other=0) != 0
+        sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
+        tl.store(Sel + b * ssb + h * ssh + offs_m, sel.to(tl.uint8), mask=m_ok)
+        for start_n in range(0, Tk, BLOCK_N):
+            offs_n = start_n + offs_n0
+            if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
+                if HAS_PRE:
+                    coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
+                else:
+                    coef = 0.0
+                z, lab = _scores(
+                    q,
+                    K,
+                    k_base,
+                    offs_n,
+                    offs_d,
+                    skt,
+                    Tk,
+                    D,
+                    Labels,
+                    lab_base,
+                    KPos,
+                    kpos_base,
+                    qpos,
+                    pre_row,
+                    coef,
+                    qk_scale,
+                    HAS_PRE,
+                    DOT_PREC,
+                )
+                w = tl.where(
+                    (lab == IMAGE_SINK)[None, :],
+                    c_sink[:, None],
+                    tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0),
+                )
+                p = tl.exp2(z - m_i[:, None]) * w
+                vt = tl.load(
+                    V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                    mask=(offs_n[:, None] < Tk) & d_ok[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        out = acc / Ls[:, None]
+    else:
+        out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
+    if HAS_HS:
+        out = out * tl.load(HeadScale + b * shsb + h)
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q,
+    K,
+    V,
+    Mw,
+    Lw,
+    Aw,
+    Labels,
+    QPos,
+    KPos,
+    PreRows,
+    PreCoef,
+    qk_scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    slb,
+    sqpb,
+    skpb,
+    sprb,
+    spcb,
+    spch,
+    H,
+    HKV,
+    N_REP,
+    Tq,
+    Tk,
+    D,
+    S,
+    BLOCKS_PER_SPLIT,
+    NSEG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_PRE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One program: every query row of every query head of one KV head, over one key slice."""
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    hk = pid_bg % HKV
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < N_REP * Tq
+    h = hk * N_REP + offs_r // Tq
+    i = offs_r % Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + b * sqb + h[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
+        mask=r_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    qpos = tl.load(QPos + b * sqpb + i, mask=r_ok, other=-1)
+    qpos_max = tl.max(qpos, axis=0)
+    if HAS_PRE:
+        pre_row = tl.load(PreRows + b * sprb + i, mask=r_ok, other=0) != 0
+    else:
+        pre_row = r_ok
+    k_base = b * skb + hk * skh
+    v_base = b * svb + hk * svh
+    lab_base = b * slb
+    kpos_base = b * skpb
+
+    m_i = tl.full([BLOCK_R], _M_INIT, dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_R], dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    l_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    # The loop bound is a kernel argument, not derived from program_id (numpy >= 2.4 breaks
+    # such bounds in the interpreter); the slice start enters through the offsets only.
+    for blk in range(0, BLOCKS_PER_SPLIT):
+        offs_n = (pid_s * BLOCKS_PER_SPLIT + blk) * BLOCK_N + offs_n0
+        if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
+            if HAS_PRE:
+                coef = tl.load(
+                    PreCoef + b * spcb + h[:, None] * spch + offs_n[None, :],
+                    mask=r_ok[:, None] & (offs_n[None, :] < Tk),
+                    other=0.0,
+                )
+            else:
+                coef = 0.0
+            z, lab = _scores(
+                q,
+                K,
+                k_base,
+                offs_n,
+                offs_d,
+                skt,
+                Tk,
+                D,
+                Labels,
+                lab_base,
+                KPos,
+                kpos_base,
+                qpos,
+                pre_row,
+                coef,
+                qk_scale,
+                HAS_PRE,
+                DOT_PREC,
+            )
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(z - m_new[:, None])
+            vt = tl.load(
+                V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                mask=(offs_n[:, None] < Tk) & d_ok[None, :],
+                other=0.0,
+            )
+            if NSEG == 3:
+                is_s = (lab == IMAGE_SINK)[None, :]
+                is_r = (lab == IMAGE)[None, :]
+                p_s = tl.where(is_s, p, 0.0)
+                p_r = tl.where(is_r, p, 0.0)
+                p_t = tl.where(is_s | is_r, 0.0, p)
+                l_s = l_s * alpha + tl.sum(p_s, axis=1)
+                l_r = l_r * alpha + tl.sum(p_r, axis=1)
+                l_t = l_t * alpha + tl.sum(p_t, axis=1)
+                acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt, input_precision=DOT_PREC)
+                acc_r = acc_r * alpha[:, None] + tl.dot(p_r.to(vt.dtype), vt, input_precision=DOT_PREC)
+                acc_t = acc_t * alpha[:, None] + tl.dot(p_t.to(vt.dtype), vt, input_precision=DOT_PREC)
+            else:
+                l_t = l_t * alpha + tl.sum(p, axis=1)
+                acc_t = acc_t * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+    # Workspace rows are (b, h, i) flattened; partials are [row, split, segment, BLOCK_D].
+    row = (b * H + h) * Tq + i
+    ws = row * S + pid_s
+    tl.store(Mw + ws, m_i, mask=r_ok)
+    tl.store(Lw + ws * NSEG, l_t, mask=r_ok)
+    tl.store(Aw + (ws * NSEG)[:, None] * BLOCK_D + offs_d[None, :], acc_t, mask=r_ok[:, None])
+    if NSEG == 3:
+        tl.store(Lw + ws * NSEG + 1, l_s, mask=r_ok)
+        tl.store(Lw + ws * NSEG + 2, l_r, mask=r_ok)
+        tl.store(Aw + (ws * NSEG + 1)[:, None] * BLOCK_D + offs_d[None, :], acc_s, mask=r_ok[:, None])
+        tl.store(Aw + (ws * NSEG + 2)[:, None] * BLOCK_D + offs_d[None, :], acc_r, mask=r_ok[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    Mw,
+    Lw,
+    Aw,
+    Out,
+    Sel,
+    RwRows,
+    HeadScale,
+    rw_p,
+    rw_rho,
+    rw_min_mass,
+    sob,
+    soh,
+    sot,
+    srwb,
+    shsb,
+    ssb,
+    ssh,
+    H,
+    Tq,
+    D,
+    S,
+    NSEG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_HS: tl.constexpr,
+):
+    """One program per (b, h, i): log-sum-exp merge of the key slices, then the plan's output."""
+    row = tl.program_id(0)
+    b = row // (H * Tq)
+    h = (row // Tq) % H
+    i = row % Tq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < S
+    ws = row * S + offs_s
+    m = tl.load(Mw + ws, mask=s_ok, other=_M_INIT)
+    w = tl.where(s_ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    l_t = tl.sum(w * tl.load(Lw + ws * NSEG, mask=s_ok, other=0.0), axis=0)
+    a_t = tl.sum(
+        w[:, None] * tl.load(Aw + (ws * NSEG)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
+        axis=0,
+    )
+    if NSEG == 3:
+        l_s = tl.sum(w * tl.load(Lw + ws * NSEG + 1, mask=s_ok, other=0.0), axis=0)
+        l_r = tl.sum(w * tl.load(Lw + ws * NSEG + 2, mask=s_ok, other=0.0), axis=0)
+        a_s = tl.sum(
+            w[:, None]
+            * tl.load(Aw + (ws * NSEG + 1)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
+            axis=0,
+        )
+        a_r = tl.sum(
+            w[:, None]
+            * tl.load(Aw + (ws * NSEG + 2)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
+            axis=0,
+        )
+        rows_rw = tl.load(RwRows + b * srwb + i) != 0
+        sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
+        tl.store(Sel + b * ssb + h * ssh + i, sel.to(tl.uint8))
+        out = (a_t + c_sink * a_s + c_rest * a_r) / Ls
+    else:
+        out = a_t / tl.where(l_t > 0, l_t, 1.0)
+    if HAS_HS:
+        out = out * tl.load(HeadScale + b * shsb + h)
+    tl.store(Out + b * sob + h * soh + i * sot + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _u8(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Bool flags as uint8 for Triton (a view, no copy); a dummy pointer when absent."""
+    return like if x is None else x.view(torch.uint8)
+
+
+def _stride(x: torch.Tensor | None, dim: int) -> int:
+    return 0 if x is None else x.stride(dim)
+
+
+def num_decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device: torch.device) -> int:
+    """Key slices for the decode kernel: enough programs to fill the GPU about twice over,
+    from shapes only (the same for every call of a given shape, so CUDA graphs can replay it)."""
+    n_blocks = triton.cdiv(k_len, block_n)
+    target = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    splits = max(1, min(n_blocks, triton.cdiv(target, batch * kv_heads)))
+    per_split = triton.cdiv(n_blocks, splits)
+    return triton.cdiv(n_blocks, per_split)
+
+
+def launch(
+    q,
+    k,
+    v,
+    labels,
+    q_pos,
+    k_pos,
+    scale,
+    pre_rows,
+    pre_coef,
+    rw_rows,
+    rw_p,
+    rw_rho,
+    rw_min_mass,
+    head_scale,
+    *,
+    path: str,
+    num_splits: int,
+    decode_max_q: int,
+):
+    dispatch.require(q.device)
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    n_rep = h // hkv
+    out = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
+    selected = torch.zeros((b, h, tq), dtype=torch.bool, device=q.device)
+    if b * h * tq == 0:
+        return out, selected
+    has_pre, has_rw, has_hs = pre_rows is not None, rw_rows is not None, head_scale is not None
+    block_d = max(16, triton.next_power_of_2(d))
+    qk_scale = scale * LOG2E
+    dummy = labels
+    pre_u8, rw_u8, sel_u8 = _u8(pre_rows, dummy), _u8(rw_rows, dummy), selected.view(torch.uint8)
+    pre_coef_t = dummy if pre_coef is None else pre_coef
+    hs_t = dummy if head_scale is None else head_scale
+    interp = dispatch.interpreting()
+    # fp32 inputs (tests) get exact fp32 products; tf32 would cost them three digits.
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    use_decode = path == "decode" or (path == "auto" and tq <= decode_max_q)
+
+    if not use_decode:
+        block_m, block_n = (64, 64) if interp or has_rw else (128, 64)
+        num_warps = 4 if block_m == 64 else 8
+        grid = (triton.cdiv(tq, block_m), b * h)
+        _prefill_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            sel_u8,
+            labels,
+            q_pos,
+            k_pos,
+            pre_u8,
+            pre_coef_t,
+            rw_u8,
+            hs_t,
+            qk_scale,
+            rw_p,
+            rw_rho,
+            rw_min_mass,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            labels.stride(0),
+            q_pos.stride(0),
+            k_pos.stride(0),
+            _stride(pre_rows, 0),
+            _stride(pre_coef, 0),
+            _stride(pre_coef, 1),
+            _stride(rw_rows, 0),
+            _stride(head_scale, 0),
+            selected.stride(0),
+            selected.stride(1),
+            h,
+            n_rep,
+            tq,
+            tk,
+            d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            HAS_PRE=has_pre,
+            HAS_RW=has_rw,
+            HAS_HS=has_hs,
+            DOT_PREC=dot_prec,
+            num_warps=num_warps,
+            num_stages=1 if interp else 2,
+        )
+        return out, selected
+
+    block_n = 64
+    block_r = max(16, triton.next_power_of_2(n_rep * tq))
+    n_blocks = max(1, triton.cdiv(tk, block_n))
+    splits = num_splits if num_splits > 0 else num_decode_splits(b, hkv, tk, block_n, q.device)
+    per_split = triton.cdiv(n_blocks, min(splits, n_blocks))
+    splits = triton.cdiv(n_blocks, per_split)
+    nseg = 3 if has_rw else 1
+    rows = b * h * tq
+    m_ws = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
+    l_ws = torch.empty((rows, splits, nseg), dtype=torch.float32, device=q.device)
+    a_ws = torch.empty((rows, splits, nseg, block_d), dtype=torch.float32, device=q.device)
+    _decode_partial_kernel[(splits, b * hkv)](
+        q,
+        k,
+        v,
+        m_ws,
+        l_ws,
+        a_ws,
+        labels,
+        q_pos,
+        k_pos,
+        pre_u8,
+        pre_coef_t,
+        qk_scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        labels.stride(0),
+        q_pos.stride(0),
+        k_pos.stride(0),
+        _stride(pre_rows, 0),
+        _stride(pre_coef, 0),
+        _stride(pre_coef, 1),
+        h,
+        hkv,
+        n_rep,
+        tq,
+        tk,
+        d,
+        splits,
+        per_split,
+        NSEG=nseg,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_PRE=has_pre,
+        DOT_PREC=dot_prec,
+        num_warps=4,
+        num_stages=1 if interp else 2,
+    )
+    _decode_merge_kernel[(rows,)](
+        m_ws,
+        l_ws,
+        a_ws,
+        out,
+        sel_u8,
+        rw_u8,
+        hs_t,
+        rw_p,
+        rw_rho,
+        rw_min_mass,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        _stride(rw_rows, 0),
+        _stride(head_scale, 0),
+        selected.stride(0),
+        selected.stride(1),
+        h,
+        tq,
+        d,
+        splits,
+        NSEG=nseg,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_D=block_d,
+        HAS_HS=has_hs,
+        num_warps=4 if block_d >= 128 else 2,
+    )
+    return out, selected
+
+
+__all__ = ["launch", "num_decode_splits"]

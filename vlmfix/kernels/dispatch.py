@@ -1,0 +1,64 @@
+"""Where the Triton kernels can run, and a clear error where they cannot.
+
+The kernels run on CUDA devices, and on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is first imported; slow, used by the CPU tests).
+Nothing here imports Triton: only ``importlib.util.find_spec`` is used.
+
+Example:
+    >>> from vlmfix.kernels import dispatch
+    >>> dispatch.available("cpu")  # doctest: +SKIP
+    False
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from vlmfix.errors import BackendUnavailableError
+
+__all__ = ["available", "interpreting", "require", "unavailable_reason"]
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET`` set to a true value)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    device = torch.device(device)
+    if not _triton_installed():
+        return "the 'triton' package is not installed (pip install triton; Linux x86_64 only)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "the tensors are on CUDA but torch.cuda.is_available() is False"
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return (
+            "the tensors are on the CPU; the Triton kernels need a CUDA device, or Triton's "
+            "interpreter (set TRITON_INTERPRET=1 before importing triton; slow, for tests)"
+        )
+    return f"device type {device.type!r} is not supported by the Triton kernels (CUDA only)"
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run on ``device`` in this process."""
+    return unavailable_reason(device) is None
+
+
+def require(device: torch.device | str) -> None:
+    """Raise :class:`~vlmfix.errors.BackendUnavailableError` unless the kernels can run on ``device``."""
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend='triton' cannot run here: {reason}. Use backend='reference' (pure torch, any device)."
+        )
