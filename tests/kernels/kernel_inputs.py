@@ -1,8 +1,21 @@
-"""Random attention-plan inputs with a LLaVA-like key layout, for the kernel tests."""
+"""Random attention-plan inputs with a LLaVA-like key layout, for the kernel tests.
+
+Importing this module also switches on Triton's CPU interpreter when there is no CUDA
+device. ``TRITON_INTERPRET`` is read when a kernel is defined, and vlmfix defines its
+kernels on first use, so setting it here (the kernel test modules import this first) is
+enough; vlmfix itself never sets it. This is not a ``tests/kernels/conftest.py`` because a
+second ``conftest`` module without a package would replace ``tests/conftest.py`` in
+``sys.modules`` and break the other tiers' ``from conftest import ...``.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vlmfix.kernels._common import IMAGE, IMAGE_SINK, PAD, TEXT, TEXT_SINK
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_inputs import DEVICE, TOL, make_inputs  # first: it switches on the interpreter
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton kernel tests need it")
 
-from kernel_inputs import DEVICE, TOL, make_inputs  # noqa: E402
 
 from vlmfix.errors import BackendUnavailableError, ConfigError  # noqa: E402
 from vlmfix.kernels import dispatch  # noqa: E402

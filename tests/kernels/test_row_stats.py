@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_inputs import TOL, make_inputs  # first: it switches on the interpreter
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton kernel tests need it")
 
-from kernel_inputs import TOL, make_inputs  # noqa: E402
 
 from vlmfix.errors import ConfigError  # noqa: E402
 from vlmfix.kernels._common import IMAGE, PAD  # noqa: E402
