@@ -24,59 +24,47 @@ import triton.language as tl
 from vlmfix.kernels import dispatch
 
 LOG2E = 1.4426950408889634
-_M_INIT = -1.0e30
+# Globals read inside kernels must be constexpr (Triton refuses others when compiling).
+_M_INIT = tl.constexpr(-1.0e30)
+TEXT_SINK = tl.constexpr(1)
+IMAGE = tl.constexpr(2)
+IMAGE_SINK = tl.constexpr(3)
+PAD = tl.constexpr(4)
 
-TEXT_SINK = 1
-IMAGE = 2
-IMAGE_SINK = 3
-PAD = 4
-_NO_POS = 1 << 30
+
+# fmt: off
+@triton.jit
+def _live_end(Labels, lab_base, KPos, kpos_base, lo, hi, qpos_max, CHUNK: tl.constexpr):
+    """One past the last key in ``[lo, hi)`` that some row (position <= ``qpos_max``) may see;
+    ``lo`` when there is none. Key loops stop there: with positions that grow along the cache
+    (the usual case) this is the causal bound, and out-of-order keys stay correct because
+    every tile is masked anyway. Reads 9 bytes per key, against 4·D for K and V."""
+    end = lo
+    for c in range(lo, hi, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        ok = offs < hi
+        lab = tl.load(Labels + lab_base + offs, mask=ok, other=PAD)
+        kpos = tl.load(KPos + kpos_base + offs, mask=ok, other=0)
+        live = (lab != PAD) & (kpos <= qpos_max)
+        end = tl.maximum(end, tl.max(tl.where(live, offs + 1, 0), axis=0))
+    return end
 
 
 @triton.jit
-def _scores(
-    q,
-    K,
-    kv_base,
-    offs_n,
-    offs_d,
-    stk,
-    Tk,
-    D,
-    Labels,
-    lab_base,
-    KPos,
-    kpos_base,
-    qpos,
-    pre_row,
-    coef,
-    qk_scale,
-    HAS_PRE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """Base-2 scores of one key tile, edited and masked: ``[rows, BLOCK_N]``; and the tile's labels."""
+def _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos, pre_row, coef,
+            qk_scale, HAS_PRE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 scores of one key tile, edited and masked, ``[rows, BLOCK_N]``, and the tile's labels."""
     n_ok = offs_n < Tk
     lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
-    kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0)
-    kt = tl.load(
-        K + kv_base + offs_n[None, :] * stk + offs_d[:, None], mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0
-    )
+    kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0).to(tl.int32)
+    kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=n_ok[None, :] & (offs_d[:, None] < D),
+                 other=0.0)
     z = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     if HAS_PRE:
         z = tl.where(pre_row[:, None], z + coef * tl.abs(z), z)
     vis = (lab != PAD)[None, :] & (kpos[None, :] <= qpos[:, None])
     z = tl.where(vis, z, float("-inf"))
     return z, lab
-
-
-@triton.jit
-def _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
-    """Whether any key of the tile can be visible to some row of the program (causal skip)."""
-    n_ok = offs_n < Tk
-    lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
-    kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0)
-    kmin = tl.min(tl.where(lab != PAD, kpos, _NO_POS), axis=0)
-    return kmin <= qpos_max
 
 
 @triton.jit
@@ -95,60 +83,18 @@ def _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass):
 
 @triton.jit
 def _prefill_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Sel,
-    Labels,
-    QPos,
-    KPos,
-    PreRows,
-    PreCoef,
-    RwRows,
-    HeadScale,
-    qk_scale,
-    rw_p,
-    rw_rho,
-    rw_min_mass,
-    sqb,
-    sqh,
-    sqt,
-    skb,
-    skh,
-    skt,
-    svb,
-    svh,
-    svt,
-    sob,
-    soh,
-    sot,
-    slb,
-    sqpb,
-    skpb,
-    sprb,
-    spcb,
-    spch,
-    srwb,
-    shsb,
-    ssb,
-    ssh,
-    H,
-    N_REP,
-    Tq,
-    Tk,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_PRE: tl.constexpr,
-    HAS_RW: tl.constexpr,
-    HAS_HS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    Q, K, V, Out, Sel, Labels, QPos, KPos, PreRows, PreCoef, RwRows, HeadScale,
+    qk_scale, rw_p, rw_rho, rw_min_mass,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    slb, sqpb, skpb, sprb, spcb, spch, srwb, shsb, ssb, ssh,
+    H, N_REP, Tq, Tk, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, HAS_HS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """One program: ``BLOCK_M`` query rows of one (sample, head) against all the keys they may see."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B * H * T * D can pass 2**31
     h = pid_bh % H
     hk = h // N_REP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,70 +102,47 @@ def _prefill_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < Tq
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
-    )
-    qpos = tl.load(QPos + b * sqpb + offs_m, mask=m_ok, other=-1)
-    qpos_max = tl.max(qpos, axis=0)
+    lab_base = b * slb
+    kpos_base = b * skpb
+    qpos = tl.load(QPos + b * sqpb + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    n_end = _live_end(Labels, lab_base, KPos, kpos_base, 0, Tk, tl.max(qpos, axis=0), 1024)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
     if HAS_PRE:
         pre_row = tl.load(PreRows + b * sprb + offs_m, mask=m_ok, other=0) != 0
     else:
         pre_row = m_ok
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
-    lab_base = b * slb
-    kpos_base = b * skpb
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
-    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)  # all segments, or text only with HAS_RW
+    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)  # every segment; with HAS_RW the text segments only
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Tk, BLOCK_N):
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
-        if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
-            if HAS_PRE:
-                coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
-            else:
-                coef = 0.0
-            z, lab = _scores(
-                q,
-                K,
-                k_base,
-                offs_n,
-                offs_d,
-                skt,
-                Tk,
-                D,
-                Labels,
-                lab_base,
-                KPos,
-                kpos_base,
-                qpos,
-                pre_row,
-                coef,
-                qk_scale,
-                HAS_PRE,
-                DOT_PREC,
-            )
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(z - m_new[:, None])
-            if HAS_RW:
-                is_s = (lab == IMAGE_SINK)[None, :]
-                is_r = (lab == IMAGE)[None, :]
-                l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
-                l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
-                l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
-            else:
-                l_t = l_t * alpha + tl.sum(p, axis=1)
-                vt = tl.load(
-                    V + v_base + offs_n[:, None] * svt + offs_d[None, :],
-                    mask=(offs_n[:, None] < Tk) & d_ok[None, :],
-                    other=0.0,
-                )
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-            m_i = m_new
+        if HAS_PRE:
+            coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
+        else:
+            coef = 0.0  # unused
+        z, lab = _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos,
+                         pre_row, coef, qk_scale, HAS_PRE, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        if HAS_RW:
+            is_s = (lab == IMAGE_SINK)[None, :]
+            is_r = (lab == IMAGE)[None, :]
+            l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
+            l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
+            l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
+        else:
+            l_t = l_t * alpha + tl.sum(p, axis=1)
+            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                         mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
 
     if HAS_RW:
         # Second sweep: the row max and the segment sums are final, so every key's weight
@@ -227,105 +150,44 @@ def _prefill_kernel(
         rows_rw = tl.load(RwRows + b * srwb + offs_m, mask=m_ok, other=0) != 0
         sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
         tl.store(Sel + b * ssb + h * ssh + offs_m, sel.to(tl.uint8), mask=m_ok)
-        for start_n in range(0, Tk, BLOCK_N):
+        for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + offs_n0
-            if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
-                if HAS_PRE:
-                    coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
-                else:
-                    coef = 0.0
-                z, lab = _scores(
-                    q,
-                    K,
-                    k_base,
-                    offs_n,
-                    offs_d,
-                    skt,
-                    Tk,
-                    D,
-                    Labels,
-                    lab_base,
-                    KPos,
-                    kpos_base,
-                    qpos,
-                    pre_row,
-                    coef,
-                    qk_scale,
-                    HAS_PRE,
-                    DOT_PREC,
-                )
-                w = tl.where(
-                    (lab == IMAGE_SINK)[None, :],
-                    c_sink[:, None],
-                    tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0),
-                )
-                p = tl.exp2(z - m_i[:, None]) * w
-                vt = tl.load(
-                    V + v_base + offs_n[:, None] * svt + offs_d[None, :],
-                    mask=(offs_n[:, None] < Tk) & d_ok[None, :],
-                    other=0.0,
-                )
-                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            if HAS_PRE:
+                coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
+            else:
+                coef = 0.0  # unused
+            z, lab = _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos,
+                             pre_row, coef, qk_scale, HAS_PRE, DOT_PREC)
+            w = tl.where((lab == IMAGE_SINK)[None, :], c_sink[:, None],
+                         tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0))
+            p = tl.exp2(z - m_i[:, None]) * w
+            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                         mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         out = acc / Ls[:, None]
     else:
         out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
     if HAS_HS:
         out = out * tl.load(HeadScale + b * shsb + h)
-    tl.store(
-        Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _decode_partial_kernel(
-    Q,
-    K,
-    V,
-    Mw,
-    Lw,
-    Aw,
-    Labels,
-    QPos,
-    KPos,
-    PreRows,
-    PreCoef,
+    Q, K, V, Mw, Lw, Aw, Labels, QPos, KPos, PreRows, PreCoef,
     qk_scale,
-    sqb,
-    sqh,
-    sqt,
-    skb,
-    skh,
-    skt,
-    svb,
-    svh,
-    svt,
-    slb,
-    sqpb,
-    skpb,
-    sprb,
-    spcb,
-    spch,
-    H,
-    HKV,
-    N_REP,
-    Tq,
-    Tk,
-    D,
-    S,
-    BLOCKS_PER_SPLIT,
-    NSEG: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_PRE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    slb, sqpb, skpb, sprb, spcb, spch,
+    H, HKV, N_REP, Tq, Tk, D, S, BLOCKS_PER_SPLIT,
+    NSEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PRE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: every query row of every query head of one KV head, over one key slice."""
+    """One program: every query row of every query head of one KV head, over one key slice;
+    writes the slice's running max and per-segment sums and weighted values."""
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)
     hk = pid_bg % HKV
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < N_REP * Tq
@@ -334,21 +196,20 @@ def _decode_partial_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    qpos = tl.load(QPos + b * sqpb + i, mask=r_ok, other=-1)
-    qpos_max = tl.max(qpos, axis=0)
+    lab_base = b * slb
+    kpos_base = b * skpb
+    qpos = tl.load(QPos + b * sqpb + i, mask=r_ok, other=-1).to(tl.int32)
+    lo = pid_s * BLOCKS_PER_SPLIT * BLOCK_N
+    hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, Tk)
+    n_end = _live_end(Labels, lab_base, KPos, kpos_base, lo, hi, tl.max(qpos, axis=0), 512)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_PRE:
         pre_row = tl.load(PreRows + b * sprb + i, mask=r_ok, other=0) != 0
     else:
         pre_row = r_ok
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
-    lab_base = b * slb
-    kpos_base = b * skpb
 
     m_i = tl.full([BLOCK_R], _M_INIT, dtype=tl.float32)
     l_t = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -357,63 +218,36 @@ def _decode_partial_kernel(
     acc_t = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    # The loop bound is a kernel argument, not derived from program_id (numpy >= 2.4 breaks
-    # such bounds in the interpreter); the slice start enters through the offsets only.
-    for blk in range(0, BLOCKS_PER_SPLIT):
-        offs_n = (pid_s * BLOCKS_PER_SPLIT + blk) * BLOCK_N + offs_n0
-        if _tile_live(Labels, lab_base, KPos, kpos_base, offs_n, Tk, qpos_max):
-            if HAS_PRE:
-                coef = tl.load(
-                    PreCoef + b * spcb + h[:, None] * spch + offs_n[None, :],
-                    mask=r_ok[:, None] & (offs_n[None, :] < Tk),
-                    other=0.0,
-                )
-            else:
-                coef = 0.0
-            z, lab = _scores(
-                q,
-                K,
-                k_base,
-                offs_n,
-                offs_d,
-                skt,
-                Tk,
-                D,
-                Labels,
-                lab_base,
-                KPos,
-                kpos_base,
-                qpos,
-                pre_row,
-                coef,
-                qk_scale,
-                HAS_PRE,
-                DOT_PREC,
-            )
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(z - m_new[:, None])
-            vt = tl.load(
-                V + v_base + offs_n[:, None] * svt + offs_d[None, :],
-                mask=(offs_n[:, None] < Tk) & d_ok[None, :],
-                other=0.0,
-            )
-            if NSEG == 3:
-                is_s = (lab == IMAGE_SINK)[None, :]
-                is_r = (lab == IMAGE)[None, :]
-                p_s = tl.where(is_s, p, 0.0)
-                p_r = tl.where(is_r, p, 0.0)
-                p_t = tl.where(is_s | is_r, 0.0, p)
-                l_s = l_s * alpha + tl.sum(p_s, axis=1)
-                l_r = l_r * alpha + tl.sum(p_r, axis=1)
-                l_t = l_t * alpha + tl.sum(p_t, axis=1)
-                acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt, input_precision=DOT_PREC)
-                acc_r = acc_r * alpha[:, None] + tl.dot(p_r.to(vt.dtype), vt, input_precision=DOT_PREC)
-                acc_t = acc_t * alpha[:, None] + tl.dot(p_t.to(vt.dtype), vt, input_precision=DOT_PREC)
-            else:
-                l_t = l_t * alpha + tl.sum(p, axis=1)
-                acc_t = acc_t * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-            m_i = m_new
+    for start_n in range(lo, n_end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if HAS_PRE:
+            coef = tl.load(PreCoef + b * spcb + h[:, None] * spch + offs_n[None, :],
+                           mask=r_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
+        else:
+            coef = 0.0  # unused
+        z, lab = _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos,
+                         pre_row, coef, qk_scale, HAS_PRE, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :],
+                     mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
+        if NSEG == 3:
+            is_s = (lab == IMAGE_SINK)[None, :]
+            is_r = (lab == IMAGE)[None, :]
+            p_s = tl.where(is_s, p, 0.0)
+            p_r = tl.where(is_r, p, 0.0)
+            p_t = tl.where(is_s | is_r, 0.0, p)
+            l_s = l_s * alpha + tl.sum(p_s, axis=1)
+            l_r = l_r * alpha + tl.sum(p_r, axis=1)
+            l_t = l_t * alpha + tl.sum(p_t, axis=1)
+            acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt, input_precision=DOT_PREC)
+            acc_r = acc_r * alpha[:, None] + tl.dot(p_r.to(vt.dtype), vt, input_precision=DOT_PREC)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p_t.to(vt.dtype), vt, input_precision=DOT_PREC)
+        else:
+            l_t = l_t * alpha + tl.sum(p, axis=1)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
 
     # Workspace rows are (b, h, i) flattened; partials are [row, split, segment, BLOCK_D].
     row = (b * H + h) * Tq + i
@@ -430,34 +264,14 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    Mw,
-    Lw,
-    Aw,
-    Out,
-    Sel,
-    RwRows,
-    HeadScale,
-    rw_p,
-    rw_rho,
-    rw_min_mass,
-    sob,
-    soh,
-    sot,
-    srwb,
-    shsb,
-    ssb,
-    ssh,
-    H,
-    Tq,
-    D,
-    S,
-    NSEG: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_HS: tl.constexpr,
+    Mw, Lw, Aw, Out, Sel, RwRows, HeadScale,
+    rw_p, rw_rho, rw_min_mass,
+    sob, soh, sot, srwb, shsb, ssb, ssh,
+    H, Tq, D, S,
+    NSEG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_HS: tl.constexpr,
 ):
     """One program per (b, h, i): log-sum-exp merge of the key slices, then the plan's output."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     b = row // (H * Tq)
     h = (row // Tq) % H
     i = row % Tq
@@ -468,23 +282,15 @@ def _decode_merge_kernel(
     m = tl.load(Mw + ws, mask=s_ok, other=_M_INIT)
     w = tl.where(s_ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
     l_t = tl.sum(w * tl.load(Lw + ws * NSEG, mask=s_ok, other=0.0), axis=0)
-    a_t = tl.sum(
-        w[:, None] * tl.load(Aw + (ws * NSEG)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
-        axis=0,
-    )
+    a_t = tl.sum(w[:, None] * tl.load(Aw + (ws * NSEG)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None],
+                                      other=0.0), axis=0)
     if NSEG == 3:
         l_s = tl.sum(w * tl.load(Lw + ws * NSEG + 1, mask=s_ok, other=0.0), axis=0)
         l_r = tl.sum(w * tl.load(Lw + ws * NSEG + 2, mask=s_ok, other=0.0), axis=0)
-        a_s = tl.sum(
-            w[:, None]
-            * tl.load(Aw + (ws * NSEG + 1)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
-            axis=0,
-        )
-        a_r = tl.sum(
-            w[:, None]
-            * tl.load(Aw + (ws * NSEG + 2)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0),
-            axis=0,
-        )
+        a_s = tl.sum(w[:, None] * tl.load(Aw + (ws * NSEG + 1)[:, None] * BLOCK_D + offs_d[None, :],
+                                          mask=s_ok[:, None], other=0.0), axis=0)
+        a_r = tl.sum(w[:, None] * tl.load(Aw + (ws * NSEG + 2)[:, None] * BLOCK_D + offs_d[None, :],
+                                          mask=s_ok[:, None], other=0.0), axis=0)
         rows_rw = tl.load(RwRows + b * srwb + i) != 0
         sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
         tl.store(Sel + b * ssb + h * ssh + i, sel.to(tl.uint8))
@@ -494,6 +300,7 @@ def _decode_merge_kernel(
     if HAS_HS:
         out = out * tl.load(HeadScale + b * shsb + h)
     tl.store(Out + b * sob + h * soh + i * sot + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+# fmt: on
 
 
 @functools.cache
@@ -520,38 +327,24 @@ def num_decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, devic
     return triton.cdiv(n_blocks, per_split)
 
 
-def launch(
-    q,
-    k,
-    v,
-    labels,
-    q_pos,
-    k_pos,
-    scale,
-    pre_rows,
-    pre_coef,
-    rw_rows,
-    rw_p,
-    rw_rho,
-    rw_min_mass,
-    head_scale,
-    *,
-    path: str,
-    num_splits: int,
-    decode_max_q: int,
-):
-    dispatch.require(q.device)
+# fmt: off
+def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_rows, rw_p, rw_rho, rw_min_mass,
+                  head_scale, *, path: str, num_splits: int, decode_max_q: int):
+    """The outputs and the kernel launches that fill them: ``(out, selected, [(kernel, grid, args, meta)])``.
+
+    Separate from :func:`launch` so that a test can compile the very same launches for a GPU
+    target without one (``tests/kernels/test_compile_for_gpu.py``)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     n_rep = h // hkv
     out = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
     selected = torch.zeros((b, h, tq), dtype=torch.bool, device=q.device)
     if b * h * tq == 0:
-        return out, selected
+        return out, selected, []
     has_pre, has_rw, has_hs = pre_rows is not None, rw_rows is not None, head_scale is not None
     block_d = max(16, triton.next_power_of_2(d))
     qk_scale = scale * LOG2E
-    dummy = labels
+    dummy = labels  # stands for absent optional tensors; the kernels never read it then
     pre_u8, rw_u8, sel_u8 = _u8(pre_rows, dummy), _u8(rw_rows, dummy), selected.view(torch.uint8)
     pre_coef_t = dummy if pre_coef is None else pre_coef
     hs_t = dummy if head_scale is None else head_scale
@@ -562,66 +355,22 @@ def launch(
 
     if not use_decode:
         block_m, block_n = (64, 64) if interp or has_rw else (128, 64)
-        num_warps = 4 if block_m == 64 else 8
-        grid = (triton.cdiv(tq, block_m), b * h)
-        _prefill_kernel[grid](
-            q,
-            k,
-            v,
-            out,
-            sel_u8,
-            labels,
-            q_pos,
-            k_pos,
-            pre_u8,
-            pre_coef_t,
-            rw_u8,
-            hs_t,
-            qk_scale,
-            rw_p,
-            rw_rho,
-            rw_min_mass,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            labels.stride(0),
-            q_pos.stride(0),
-            k_pos.stride(0),
-            _stride(pre_rows, 0),
-            _stride(pre_coef, 0),
-            _stride(pre_coef, 1),
-            _stride(rw_rows, 0),
-            _stride(head_scale, 0),
-            selected.stride(0),
-            selected.stride(1),
-            h,
-            n_rep,
-            tq,
-            tk,
-            d,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            HAS_PRE=has_pre,
-            HAS_RW=has_rw,
-            HAS_HS=has_hs,
-            DOT_PREC=dot_prec,
-            num_warps=num_warps,
-            num_stages=1 if interp else 2,
+        args = (
+            q, k, v, out, sel_u8, labels, q_pos, k_pos, pre_u8, pre_coef_t, rw_u8, hs_t,
+            qk_scale, rw_p, rw_rho, rw_min_mass,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
+            _stride(pre_coef, 0), _stride(pre_coef, 1), _stride(rw_rows, 0), _stride(head_scale, 0),
+            selected.stride(0), selected.stride(1),
+            h, n_rep, tq, tk, d,
         )
-        return out, selected
+        meta = dict(
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, HAS_RW=has_rw, HAS_HS=has_hs,
+            DOT_PREC=dot_prec, num_warps=4 if block_m == 64 else 8, num_stages=1 if interp else 2,
+        )
+        return out, selected, [(_prefill_kernel, (triton.cdiv(tq, block_m), b * h), args, meta)]
 
     block_n = 64
-    block_r = max(16, triton.next_power_of_2(n_rep * tq))
     n_blocks = max(1, triton.cdiv(tk, block_n))
     splits = num_splits if num_splits > 0 else num_decode_splits(b, hkv, tk, block_n, q.device)
     per_split = triton.cdiv(n_blocks, min(splits, n_blocks))
@@ -631,80 +380,44 @@ def launch(
     m_ws = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
     l_ws = torch.empty((rows, splits, nseg), dtype=torch.float32, device=q.device)
     a_ws = torch.empty((rows, splits, nseg, block_d), dtype=torch.float32, device=q.device)
-    _decode_partial_kernel[(splits, b * hkv)](
-        q,
-        k,
-        v,
-        m_ws,
-        l_ws,
-        a_ws,
-        labels,
-        q_pos,
-        k_pos,
-        pre_u8,
-        pre_coef_t,
+    partial_args = (
+        q, k, v, m_ws, l_ws, a_ws, labels, q_pos, k_pos, pre_u8, pre_coef_t,
         qk_scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        labels.stride(0),
-        q_pos.stride(0),
-        k_pos.stride(0),
-        _stride(pre_rows, 0),
-        _stride(pre_coef, 0),
-        _stride(pre_coef, 1),
-        h,
-        hkv,
-        n_rep,
-        tq,
-        tk,
-        d,
-        splits,
-        per_split,
-        NSEG=nseg,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        HAS_PRE=has_pre,
-        DOT_PREC=dot_prec,
-        num_warps=4,
-        num_stages=1 if interp else 2,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
+        _stride(pre_coef, 0), _stride(pre_coef, 1),
+        h, hkv, n_rep, tq, tk, d, splits, per_split,
     )
-    _decode_merge_kernel[(rows,)](
-        m_ws,
-        l_ws,
-        a_ws,
-        out,
-        sel_u8,
-        rw_u8,
-        hs_t,
-        rw_p,
-        rw_rho,
-        rw_min_mass,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        _stride(rw_rows, 0),
-        _stride(head_scale, 0),
-        selected.stride(0),
-        selected.stride(1),
-        h,
-        tq,
-        d,
-        splits,
-        NSEG=nseg,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        BLOCK_D=block_d,
-        HAS_HS=has_hs,
+    block_r = max(16, triton.next_power_of_2(n_rep * tq))
+    partial_meta = dict(
+        NSEG=nseg, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, DOT_PREC=dot_prec,
+        # three [BLOCK_R, BLOCK_D] fp32 accumulators with reweighting: more warps, fewer registers each
+        num_warps=8 if block_r * nseg >= 96 else 4, num_stages=1 if interp else 2,
+    )
+    merge_args = (
+        m_ws, l_ws, a_ws, out, sel_u8, rw_u8, hs_t,
+        rw_p, rw_rho, rw_min_mass,
+        *out.stride()[:3], _stride(rw_rows, 0), _stride(head_scale, 0), selected.stride(0), selected.stride(1),
+        h, tq, d, splits,
+    )
+    merge_meta = dict(
+        NSEG=nseg, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HAS_HS=has_hs,
         num_warps=4 if block_d >= 128 else 2,
     )
+    return out, selected, [
+        (_decode_partial_kernel, (splits, b * hkv), partial_args, partial_meta),
+        (_decode_merge_kernel, (rows,), merge_args, merge_meta),
+    ]
+# fmt: on
+
+
+def launch(*args, **kwargs):
+    """Run :func:`plan_launches`' kernels; returns ``(out, selected)``."""
+    dispatch.require(args[0].device)
+    out, selected, launches = plan_launches(*args, **kwargs)
+    for kernel, grid, kargs, meta in launches:
+        kernel[grid](*kargs, **meta)
     return out, selected
 
 
-__all__ = ["launch", "num_decode_splits"]
+__all__ = ["launch", "num_decode_splits", "plan_launches"]
