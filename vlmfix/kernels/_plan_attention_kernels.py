@@ -87,7 +87,7 @@ def _prefill_kernel(
     qk_scale, rw_p, rw_rho, rw_min_mass,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     slb, sqpb, skpb, sprb, spcb, spch, srwb, shsb, ssb, ssh,
-    H, N_REP, Tq, Tk, D,
+    H, N_REP, Tq, Tk, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, HAS_HS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -179,17 +179,18 @@ def _decode_partial_kernel(
     qk_scale,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     slb, sqpb, skpb, sprb, spcb, spch,
-    H, HKV, N_REP, Tq, Tk, D, S, BLOCKS_PER_SPLIT,
+    H, HKV, N_REP, Tq, Tk, S, BLOCKS_PER_SPLIT, D: tl.constexpr,
     NSEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PRE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: every query row of every query head of one KV head, over one key slice;
-    writes the slice's running max and per-segment sums and weighted values."""
+    """One program: up to ``BLOCK_R`` query rows of the query heads of one KV head (all of them
+    unless that many rows would not fit in registers), over one key slice; writes the slice's
+    running max and per-segment sums and weighted values."""
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     hk = pid_bg % HKV
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < N_REP * Tq
     h = hk * N_REP + offs_r // Tq
     i = offs_r % Tq
@@ -362,10 +363,10 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
             labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
             _stride(pre_coef, 0), _stride(pre_coef, 1), _stride(rw_rows, 0), _stride(head_scale, 0),
             selected.stride(0), selected.stride(1),
-            h, n_rep, tq, tk, d,
+            h, n_rep, tq, tk,
         )
         meta = dict(
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, HAS_RW=has_rw, HAS_HS=has_hs,
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, HAS_RW=has_rw, HAS_HS=has_hs,
             DOT_PREC=dot_prec, num_warps=4 if block_m == 64 else 8, num_stages=1 if interp else 2,
         )
         return out, selected, [(_prefill_kernel, (triton.cdiv(tq, block_m), b * h), args, meta)]
@@ -386,12 +387,14 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
         _stride(pre_coef, 0), _stride(pre_coef, 1),
-        h, hkv, n_rep, tq, tk, d, splits, per_split,
+        h, hkv, n_rep, tq, tk, splits, per_split,
     )
-    block_r = max(16, triton.next_power_of_2(n_rep * tq))
+    # Rows of one KV head's query heads share each K/V tile; with reweighting there are three
+    # [BLOCK_R, BLOCK_D] fp32 accumulators, so at most 32 rows go in one program then.
+    block_r = min(max(16, triton.next_power_of_2(n_rep * tq)), 32 if nseg == 3 else 64)
+    row_chunks = triton.cdiv(n_rep * tq, block_r)
     partial_meta = dict(
-        NSEG=nseg, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, DOT_PREC=dot_prec,
-        # three [BLOCK_R, BLOCK_D] fp32 accumulators with reweighting: more warps, fewer registers each
+        D=d, NSEG=nseg, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, DOT_PREC=dot_prec,
         num_warps=8 if block_r * nseg >= 96 else 4, num_stages=1 if interp else 2,
     )
     merge_args = (
@@ -405,7 +408,7 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
         num_warps=4 if block_d >= 128 else 2,
     )
     return out, selected, [
-        (_decode_partial_kernel, (splits, b * hkv), partial_args, partial_meta),
+        (_decode_partial_kernel, (splits, b * hkv, row_chunks), partial_args, partial_meta),
         (_decode_merge_kernel, (rows,), merge_args, merge_meta),
     ]
 # fmt: on

@@ -24,7 +24,7 @@ def _last_row_kernel(
     qk_scale,
     sqb, sqh, skb, skh, skt, svb, svh, svt, spb, sph, sob, soh,
     slb, skpb,
-    HKV, N_REP, Tk, D,
+    HKV, N_REP, Tk, D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -104,9 +104,10 @@ def plan_launches(q_row, k, v, labels, k_pos, q_pos_row, scale):
         q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), probs.stride(0), probs.stride(1), out.stride(0), out.stride(1),
         labels.stride(0), k_pos.stride(0),
-        hkv, n_rep, tk, d,
+        hkv, n_rep, tk,
     )  # fmt: skip
     meta = dict(
+        D=d,
         BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
         BLOCK_N=64,
         BLOCK_D=max(16, triton.next_power_of_2(d)),

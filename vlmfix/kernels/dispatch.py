@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -42,12 +43,27 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         return None
     if device.type == "cpu":
         if interpreting():
+            if _imported_without_interpreter():
+                return (
+                    "TRITON_INTERPRET was set after triton had been imported, so Triton's own library "
+                    "functions are compiled-only; set TRITON_INTERPRET=1 before the first import of triton"
+                )
             return None
         return (
             "the tensors are on the CPU; the Triton kernels need a CUDA device, or Triton's "
             "interpreter (set TRITON_INTERPRET=1 before importing triton; slow, for tests)"
         )
     return f"device type {device.type!r} is not supported by the Triton kernels (CUDA only)"
+
+
+def _imported_without_interpreter() -> bool:
+    """True when triton was imported before ``TRITON_INTERPRET`` was set: its standard library
+    (``tl.max``, ...) is then compiled-only and fails inside interpreted kernels."""
+    if "triton" not in sys.modules:
+        return False
+    import triton.language as tl
+
+    return type(tl.standard.max).__name__ != "InterpretedFunction"
 
 
 def available(device: torch.device | str) -> bool:
