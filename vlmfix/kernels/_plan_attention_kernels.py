@@ -5,12 +5,14 @@ Scores are kept in base 2: ``z2 = q·k * scale * log2(e)``; the pre-softmax edit
 Rows start at a finite running max (``_M_INIT``) so that a tile with no visible key gives
 ``exp2(-inf - m) = 0`` instead of ``exp2(-inf + inf) = NaN``.
 
-Block sizes are fixed, not autotuned (they were chosen without a GPU to tune on): prefill
-tiles of 128 query rows x 64 keys with 8 warps, the usual choice for flash attention on
-H100-class GPUs at D <= 128; with reweighting (two sweeps over the keys) 64 x 64 with 4
-warps, to keep more programs in flight; under the interpreter 64 x 64. Decode tiles hold
-every query row of every query head of one KV head (padded to at least 16 rows for
-``tl.dot``) against 64 keys; the number of key slices fills the GPU about twice over.
+Block sizes are fixed, not autotuned (they were chosen without a GPU to tune on, checking
+only that the sm_90 build does not spill registers, see tests/kernels/gpu_compile.py):
+prefill tiles of 128 query rows x 64 keys with 8 warps and 3 pipeline stages, the usual
+choice for flash attention on H100-class GPUs at D <= 128 (2 stages with reweighting, whose
+two sweeps need more registers); 64 x 64 under the interpreter. Decode tiles hold up to 64
+query rows (32 with reweighting's three accumulators) of the query heads of one KV head,
+padded to at least 16 rows for ``tl.dot``, against 64 keys; the number of key slices fills
+the GPU about twice over.
 """
 
 from __future__ import annotations
@@ -82,16 +84,113 @@ def _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass):
 
 
 @triton.jit
+def _prefill_ranges_kernel(
+    Labels, QPos, KPos, Ranges, slb, sqpb, skpb, Tq, Tk, N_QTILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr,
+):
+    """Per (sample, query tile), in key tiles of ``BLOCK_N``: ``n_end``, one past the last tile
+    that some row may see, and ``[f_lo, f_hi)``, the first run of tiles that every row sees
+    in full (no PAD key, every position <= the tile's smallest query position). The prefill
+    kernel attends to that run without masks and masks only the rest. Positions that grow
+    along the cache make ``n_end`` the causal bound; keys in any order stay correct."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Tq
+    qpos = tl.load(QPos + b * sqpb + offs_m, mask=m_ok, other=0).to(tl.int32)
+    q_max = tl.max(tl.where(m_ok, qpos, -1), axis=0)
+    q_min = tl.min(tl.where(m_ok, qpos, 1 << 30), axis=0)
+    n_tiles = tl.cdiv(Tk, BLOCK_N)
+    n_end = n_tiles * 0
+    f_lo = n_tiles * 0 + (1 << 30)
+    f_hi = n_tiles * 0 + (1 << 30)
+    for c in range(0, n_tiles, CHUNK_T):
+        t = c + tl.arange(0, CHUNK_T)
+        offs = t[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        ok = offs < Tk
+        real = tl.load(Labels + b * slb + offs, mask=ok, other=PAD) != PAD
+        kpos = tl.load(KPos + b * skpb + offs, mask=ok, other=0).to(tl.int32)
+        live = tl.max((real & (kpos <= q_max)).to(tl.int32), axis=1) > 0
+        full = tl.min((real & (kpos <= q_min)).to(tl.int32), axis=1) > 0
+        n_end = tl.maximum(n_end, tl.max(tl.where(live, t + 1, 0), axis=0))
+        f_lo = tl.minimum(f_lo, tl.min(tl.where(full, t, 1 << 30), axis=0))
+        f_hi = tl.minimum(f_hi, tl.min(tl.where(~full & (t > f_lo), t, 1 << 30), axis=0))
+    f_hi = tl.minimum(f_hi, n_end)
+    f_lo = tl.minimum(f_lo, f_hi)
+    base = Ranges + (b * N_QTILES + pid_m) * 3
+    tl.store(base, f_lo)
+    tl.store(base + 1, f_hi)
+    tl.store(base + 2, n_end)
+
+
+@triton.jit
+def _sweep(
+    q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+    lo, hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest,
+    offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, SECOND: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` of one query tile. First sweep: online softmax state (with HAS_RW
+    the per-segment sums only). SECOND (reweighting): accumulate ``c_seg * exp2(z - m)``
+    with the final row max ``m_i``. MASKED=False for tiles every row sees in full: no
+    visibility masks and no bounds checks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        d_ok = offs_d < D
+        if MASKED:
+            lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
+            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+        else:
+            lab = tl.load(Labels + lab_base + offs_n)
+            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        z = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if HAS_PRE:
+            coef = tl.load(coef_ptr + offs_n, mask=n_ok, other=0.0)
+            z = tl.where(pre_row[:, None], z + coef[None, :] * tl.abs(z), z)
+        if MASKED:
+            kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0).to(tl.int32)
+            z = tl.where((lab != PAD)[None, :] & (kpos[None, :] <= qpos[:, None]), z, float("-inf"))
+        if MASKED:
+            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+        else:
+            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if SECOND:
+            w = tl.where((lab == IMAGE_SINK)[None, :], c_sink[:, None],
+                         tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0))
+            p = tl.exp2(z - m_i[:, None]) * w
+            acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        else:
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(z - m_new[:, None])
+            if HAS_RW:
+                is_s = (lab == IMAGE_SINK)[None, :]
+                is_r = (lab == IMAGE)[None, :]
+                l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
+                l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
+                l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
+            else:
+                l_t = l_t * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+    return m_i, l_t, l_s, l_r, acc
+
+
+@triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Sel, Labels, QPos, KPos, PreRows, PreCoef, RwRows, HeadScale,
+    Q, K, V, Out, Sel, Labels, QPos, KPos, PreRows, PreCoef, RwRows, HeadScale, Ranges,
     qk_scale, rw_p, rw_rho, rw_min_mass,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     slb, sqpb, skpb, sprb, spcb, spch, srwb, shsb, ssb, ssh,
-    H, N_REP, Tq, Tk, D: tl.constexpr,
+    H, N_REP, Tq, Tk, N_QTILES, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, HAS_HS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: ``BLOCK_M`` query rows of one (sample, head) against all the keys they may see."""
+    """One program: ``BLOCK_M`` query rows of one (sample, head) against the keys they may see."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B * H * T * D can pass 2**31
@@ -99,50 +198,44 @@ def _prefill_kernel(
     hk = h // N_REP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < Tq
     d_ok = offs_d < D
-    lab_base = b * slb
-    kpos_base = b * skpb
+    ranges = Ranges + (b * N_QTILES + pid_m) * 3
+    f_lo = tl.load(ranges) * BLOCK_N
+    f_hi = tl.load(ranges + 1) * BLOCK_N
+    n_end = tl.load(ranges + 2) * BLOCK_N
     qpos = tl.load(QPos + b * sqpb + offs_m, mask=m_ok, other=-1).to(tl.int32)
-    n_end = _live_end(Labels, lab_base, KPos, kpos_base, 0, Tk, tl.max(qpos, axis=0), 1024)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0)
     if HAS_PRE:
         pre_row = tl.load(PreRows + b * sprb + offs_m, mask=m_ok, other=0) != 0
     else:
         pre_row = m_ok
+    coef_ptr = PreCoef + b * spcb + h * spch
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
+    lab_base = b * slb
+    kpos_base = b * skpb
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_t = tl.zeros([BLOCK_M], dtype=tl.float32)  # every segment; with HAS_RW the text segments only
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        offs_n = start_n + offs_n0
-        if HAS_PRE:
-            coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
-        else:
-            coef = 0.0  # unused
-        z, lab = _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos,
-                         pre_row, coef, qk_scale, HAS_PRE, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        if HAS_RW:
-            is_s = (lab == IMAGE_SINK)[None, :]
-            is_r = (lab == IMAGE)[None, :]
-            l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
-            l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
-            l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
-        else:
-            l_t = l_t * alpha + tl.sum(p, axis=1)
-            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :],
-                         mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-        m_i = m_new
+    c_sink = l_s
+    c_rest = l_s
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        True, HAS_PRE, HAS_RW, False, DOT_PREC)
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        False, HAS_PRE, HAS_RW, False, DOT_PREC)
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        True, HAS_PRE, HAS_RW, False, DOT_PREC)
 
     if HAS_RW:
         # Second sweep: the row max and the segment sums are final, so every key's weight
@@ -150,20 +243,18 @@ def _prefill_kernel(
         rows_rw = tl.load(RwRows + b * srwb + offs_m, mask=m_ok, other=0) != 0
         sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
         tl.store(Sel + b * ssb + h * ssh + offs_m, sel.to(tl.uint8), mask=m_ok)
-        for start_n in range(0, n_end, BLOCK_N):
-            offs_n = start_n + offs_n0
-            if HAS_PRE:
-                coef = tl.load(PreCoef + b * spcb + h * spch + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
-            else:
-                coef = 0.0  # unused
-            z, lab = _scores(q, K, k_base, offs_n, offs_d, skt, Tk, D, Labels, lab_base, KPos, kpos_base, qpos,
-                             pre_row, coef, qk_scale, HAS_PRE, DOT_PREC)
-            w = tl.where((lab == IMAGE_SINK)[None, :], c_sink[:, None],
-                         tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0))
-            p = tl.exp2(z - m_i[:, None]) * w
-            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :],
-                         mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
-            acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            True, HAS_PRE, HAS_RW, True, DOT_PREC)
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            False, HAS_PRE, HAS_RW, True, DOT_PREC)
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            True, HAS_PRE, HAS_RW, True, DOT_PREC)
         out = acc / Ls[:, None]
     else:
         out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
@@ -201,8 +292,9 @@ def _decode_partial_kernel(
     kpos_base = b * skpb
     qpos = tl.load(QPos + b * sqpb + i, mask=r_ok, other=-1).to(tl.int32)
     lo = pid_s * BLOCKS_PER_SPLIT * BLOCK_N
+    # No search for the last visible key here: at decode nearly every key is visible, and a
+    # search would add a dependent round trip to memory before the first K/V load.
     hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, Tk)
-    n_end = _live_end(Labels, lab_base, KPos, kpos_base, lo, hi, tl.max(qpos, axis=0), 512)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_PRE:
@@ -219,7 +311,7 @@ def _decode_partial_kernel(
     acc_t = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, n_end, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         if HAS_PRE:
             coef = tl.load(PreCoef + b * spcb + h[:, None] * spch + offs_n[None, :],
@@ -355,21 +447,28 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
     use_decode = path == "decode" or (path == "auto" and tq <= decode_max_q)
 
     if not use_decode:
-        block_m, block_n = (64, 64) if interp or has_rw else (128, 64)
+        block_m, block_n = (64, 64) if interp else (128, 64)
+        n_qtiles = triton.cdiv(tq, block_m)
+        ranges = torch.empty((b, n_qtiles, 3), dtype=torch.int32, device=q.device)
+        ranges_args = (labels, q_pos, k_pos, ranges, labels.stride(0), q_pos.stride(0), k_pos.stride(0), tq, tk, n_qtiles)
+        ranges_meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK_T=16, num_warps=4)
         args = (
-            q, k, v, out, sel_u8, labels, q_pos, k_pos, pre_u8, pre_coef_t, rw_u8, hs_t,
+            q, k, v, out, sel_u8, labels, q_pos, k_pos, pre_u8, pre_coef_t, rw_u8, hs_t, ranges,
             qk_scale, rw_p, rw_rho, rw_min_mass,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
             _stride(pre_coef, 0), _stride(pre_coef, 1), _stride(rw_rows, 0), _stride(head_scale, 0),
             selected.stride(0), selected.stride(1),
-            h, n_rep, tq, tk,
+            h, n_rep, tq, tk, n_qtiles,
         )
         meta = dict(
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, HAS_RW=has_rw, HAS_HS=has_hs,
-            DOT_PREC=dot_prec, num_warps=4 if block_m == 64 else 8, num_stages=1 if interp else 2,
+            DOT_PREC=dot_prec, num_warps=4 if block_m == 64 else 8, num_stages=1 if interp else (2 if has_rw else 3),
         )
-        return out, selected, [(_prefill_kernel, (triton.cdiv(tq, block_m), b * h), args, meta)]
+        return out, selected, [
+            (_prefill_ranges_kernel, (n_qtiles, b), ranges_args, ranges_meta),
+            (_prefill_kernel, (n_qtiles, b * h), args, meta),
+        ]
 
     block_n = 64
     n_blocks = max(1, triton.cdiv(tk, block_n))

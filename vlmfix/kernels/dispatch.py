@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -28,6 +29,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
