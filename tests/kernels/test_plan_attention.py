@@ -26,7 +26,8 @@ from vlmfix.kernels.plan_attention import (  # noqa: E402
     plan_attention_reference,
 )
 
-FP = (torch.float16, torch.float32)
+# bf16 only on a GPU: the interpreter computes bf16 wrongly (silently).
+FP = (torch.float16, torch.float32) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
 FEATURES = {
     "plain": {},
     "pre": dict(pre=True),
@@ -150,6 +151,14 @@ DECODE_SHAPES = [
 def test_decode_shapes(shape, dtype):
     qkv, kw = make_inputs(*shape, dtype, pre=True, reweight=True, head_scale=True, seed=5)
     check(qkv, kw, path="auto")  # Tq <= 8 picks the decode kernel
+
+
+@pytest.mark.parametrize("feature", ["plain", "all"])
+def test_decode_many_rows_per_kv_head(feature):
+    """16 query heads per KV head x 8 rows: more rows than one decode program holds (64, or
+    32 with reweighting), so the rows of one KV head are split over programs."""
+    qkv, kw = make_inputs(1, 16, 1, 8, 130, 64, torch.float32, **FEATURES[feature], seed=8)
+    check(qkv, kw, path="decode")
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 100])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_inputs import TOL, make_inputs  # first: it switches on the interpreter
+from kernel_inputs import DEVICE, TOL, make_inputs  # first: it switches on the interpreter
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton kernel tests need it")
 
@@ -44,7 +44,9 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize(
+    "dtype", (torch.float16, torch.float32) + ((torch.bfloat16,) if DEVICE == "cuda" else ()), ids=str
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_last_row_stats_shapes(shape, dtype):
     args, kw = inputs(*shape, dtype)

@@ -147,7 +147,8 @@ def _plan_attention(
     ``num_splits`` (> 0) forces the number of key slices of the decode kernel."""
     _validate(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, reweight, head_scale)
     C.check(path in _PATHS, f"path must be one of {_PATHS}, got {path!r}")
-    dispatch.require(q.device)
+    if not torch.compiler.is_compiling():  # the op checks again when it runs
+        dispatch.require(q.device)
     q, k, v = (C.last_dim_contiguous(x) for x in (q, k, v))
     rw_rows, rw_p, rw_rho, rw_min = (None, 1.0, 1.0, 0.0) if reweight is None else reweight
     out, selected = torch.ops.vlmfix.plan_attention(

@@ -62,7 +62,8 @@ def last_row_stats(
         ...                                   q_pos_row=pos[:, -1], scale=0.088)  # doctest: +SKIP
     """
     _validate(q_row, k, v, labels, k_pos, q_pos_row, scale)
-    dispatch.require(q_row.device)
+    if not torch.compiler.is_compiling():  # the op checks again when it runs
+        dispatch.require(q_row.device)
     q_row, k, v = (C.last_dim_contiguous(x) for x in (q_row, k, v))
     return torch.ops.vlmfix.last_row_stats(q_row, k, v, labels, k_pos, q_pos_row, float(scale))
 
