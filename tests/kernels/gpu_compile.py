@@ -32,7 +32,8 @@ POINTER = {
 
 
 def compile_launch(kernel, args, meta, capability=90):
-    """``triton.compile`` of one launch, specialised like the JIT does (16-divisible ints and pointers)."""
+    """``triton.compile`` of one launch, specialised like the JIT does (ints equal to 1 become
+    constants; ints divisible by 16 and pointers are marked 16-aligned)."""
     sig, consts, attrs = {}, {}, {}
     it = iter(args)
     for idx, param in enumerate(kernel.params):
@@ -44,6 +45,9 @@ def compile_launch(kernel, args, meta, capability=90):
         if isinstance(arg, torch.Tensor):
             sig[param.name] = POINTER[arg.dtype]
             attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif isinstance(arg, int) and arg == 1:  # the JIT turns ints equal to 1 into constants
+            sig[param.name] = "constexpr"
+            consts[param.name] = 1
         elif isinstance(arg, int):
             sig[param.name] = "i32" if abs(arg) < 2**31 else "i64"
             if arg % 16 == 0:
@@ -96,6 +100,11 @@ CASES = {
     "decode plain fp16 D128": lambda: plan_case(16, 32, 32, 1, 2944, 128, torch.float16),
     "decode all fp16 D128": lambda: plan_case(1, 32, 32, 1, 2944, 128, torch.float16, pre=True, rw=True, hs=True),
     "decode all bf16 D64 GQA8 q8": lambda: plan_case(1, 32, 4, 8, 2944, 64, torch.bfloat16, pre=True, rw=True),
+    "prefill one token fp16 D64": lambda: plan_case(
+        1, 1, 1, 1, 1, 64, torch.float16, pre=True, rw=True, path="prefill"
+    ),
+    "decode one key fp16 D64": lambda: plan_case(1, 1, 1, 1, 1, 64, torch.float16, pre=True, rw=True, hs=True),
+    "row stats one key fp16 D64": lambda: row_stats_case(1, 1, 1, 1, 64, torch.float16),
     "row stats fp16 D128": lambda: row_stats_case(1, 32, 32, 2944, 128, torch.float16),
     "row stats bf16 D80 GQA7": lambda: row_stats_case(1, 28, 4, 2944, 80, torch.bfloat16),
 }
