@@ -127,7 +127,7 @@ def _prefill_ranges_kernel(
 def _sweep(
     q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
     lo, hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest,
-    offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, SECOND: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -143,6 +143,9 @@ def _sweep(
             lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
             kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
                          other=0.0)
+        elif D == BLOCK_D:  # a full tile of a power-of-two head dim: no masks at all
+            lab = tl.load(Labels + lab_base + offs_n)
+            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None])
         else:
             lab = tl.load(Labels + lab_base + offs_n)
             kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
@@ -156,6 +159,8 @@ def _sweep(
         if MASKED:
             vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                          other=0.0)
+        elif D == BLOCK_D:
+            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :])
         else:
             vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         if SECOND:
@@ -226,15 +231,15 @@ def _prefill_kernel(
     c_rest = l_s
     m_i, l_t, l_s, l_r, acc = _sweep(
         q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-        0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
         True, HAS_PRE, HAS_RW, False, DOT_PREC)
     m_i, l_t, l_s, l_r, acc = _sweep(
         q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-        f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
         False, HAS_PRE, HAS_RW, False, DOT_PREC)
     m_i, l_t, l_s, l_r, acc = _sweep(
         q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-        f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+        f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
         True, HAS_PRE, HAS_RW, False, DOT_PREC)
 
     if HAS_RW:
@@ -245,15 +250,15 @@ def _prefill_kernel(
         tl.store(Sel + b * ssb + h * ssh + offs_m, sel.to(tl.uint8), mask=m_ok)
         m_i, l_t, l_s, l_r, acc = _sweep(
             q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
             True, HAS_PRE, HAS_RW, True, DOT_PREC)
         m_i, l_t, l_s, l_r, acc = _sweep(
             q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
             False, HAS_PRE, HAS_RW, True, DOT_PREC)
         m_i, l_t, l_s, l_r, acc = _sweep(
             q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N,
+            f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
             True, HAS_PRE, HAS_RW, True, DOT_PREC)
         out = acc / Ls[:, None]
     else:
