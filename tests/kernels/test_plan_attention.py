@@ -175,8 +175,10 @@ def test_prefill_2950_fp16():
 
 
 def test_public_function_and_strided_inputs():
-    """The public entry point takes transformers' ``[B, T, H, D]`` tensors viewed as ``[B, H, T, D]``."""
+    """The public entry point takes transformers' ``[B, T, H, D]`` tensors viewed as ``[B, H, T, D]``,
+    and int32 positions."""
     qkv, kw = make_inputs(1, 4, 2, 63, 63, 64, torch.float16, head_scale=True)
+    kw = dict(kw, q_pos=kw["q_pos"].int(), k_pos=kw["k_pos"].int())
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv)
     assert not q.is_contiguous()
     out, sel = plan_attention(q, k, v, **kw)
