@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from vlmfix.errors import ConfigError
 from vlmfix.kernels import _common as C
 from vlmfix.kernels import dispatch
 
@@ -43,6 +44,8 @@ _PATHS = ("auto", "prefill", "decode")
 
 
 def _validate(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, reweight, head_scale):
+    """Every check raises ConfigError naming the argument (messages are built only on failure:
+    this runs per attention call)."""
     C.check_qkv(q, k, v, q_rank=4)
     b, h, tq, _ = q.shape
     tk = k.shape[2]
@@ -51,23 +54,21 @@ def _validate(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, reweight
     C.check_tensor("q_pos", q_pos, (b, tq), C.INT_DTYPES, dev)
     C.check_tensor("k_pos", k_pos, (b, tk), C.INT_DTYPES, dev)
     C.check_scale(scale)
-    C.check((pre_rows is None) == (pre_coef is None), "pre_rows and pre_coef must be given together (or neither)")
+    if (pre_rows is None) != (pre_coef is None):
+        raise ConfigError("pre_rows and pre_coef must be given together (or neither)")
     if pre_rows is not None:
         C.check_tensor("pre_rows", pre_rows, (b, tq), (torch.bool,), dev)
         C.check_tensor("pre_coef", pre_coef, (b, h, tk), (torch.float32,), dev)
     if reweight is not None:
-        C.check(
-            isinstance(reweight, (tuple, list)) and len(reweight) == 4,
-            f"reweight must be a tuple (rows, p, rho, min_mass), got {type(reweight).__name__}",
-        )
+        if not (isinstance(reweight, (tuple, list)) and len(reweight) == 4):
+            raise ConfigError(f"reweight must be a tuple (rows, p, rho, min_mass), got {type(reweight).__name__}")
         rows, p, rho, min_mass = reweight
         C.check_tensor("reweight rows", rows, (b, tq), (torch.bool,), dev)
         for name, val in (("p", p), ("rho", rho), ("min_mass", min_mass)):
-            C.check(
-                isinstance(val, (int, float)) and not isinstance(val, bool),
-                f"reweight {name} must be a Python float, got {val!r}",
-            )
-        C.check(0.0 <= p <= 1.0, f"reweight p (fraction of sink mass kept) must be in [0, 1], got {p}")
+            if not isinstance(val, (int, float)) or isinstance(val, bool):
+                raise ConfigError(f"reweight {name} must be a Python float, got {val!r}")
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"reweight p (fraction of sink mass kept) must be in [0, 1], got {p}")
     if head_scale is not None:
         C.check_tensor("head_scale", head_scale, (b, h), (torch.float32,), dev)
 
@@ -146,7 +147,8 @@ def _plan_attention(
     """``plan_attention`` with testing knobs: ``path`` forces the prefill or decode kernel,
     ``num_splits`` (> 0) forces the number of key slices of the decode kernel."""
     _validate(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, reweight, head_scale)
-    C.check(path in _PATHS, f"path must be one of {_PATHS}, got {path!r}")
+    if path not in _PATHS:
+        raise ConfigError(f"path must be one of {_PATHS}, got {path!r}")
     if not torch.compiler.is_compiling():  # the op checks again when it runs
         dispatch.require(q.device)
     q, k, v = (C.last_dim_contiguous(x) for x in (q, k, v))
