@@ -195,6 +195,8 @@ def _plan_attention_op(
     path: str,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op behind :func:`plan_attention` (no input checks: call that). Returns ``(out,
+    selected)``; selected is bool ``[B, H, Tq]`` with ``rw_rows``, else an empty ``[0]``."""
     from vlmfix.kernels import _plan_attention_kernels as K
 
     return K.launch(
@@ -238,7 +240,8 @@ def _(
     num_splits,
 ):
     b, h, tq, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, tq), dtype=torch.bool)
+    selected = q.new_empty((b, h, tq) if rw_rows is not None else (0,), dtype=torch.bool)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), selected
 
 
 def plan_attention_reference(
