@@ -59,10 +59,10 @@ def llava_layout(b: int, length: int, device) -> dict:
 
 
 def plan_inputs(b, hkv, tq, tk, dtype, device, *, pre=False, reweight=False, head_scale=False, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, H, tq, D, generator=gen).to(device, dtype)
-    k = torch.randn(b, hkv, tk, D, generator=gen).to(device, dtype)
-    v = torch.randn(b, hkv, tk, D, generator=gen).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: decode caches reach 2 GiB
+    q = torch.randn(b, H, tq, D, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(b, hkv, tk, D, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(b, hkv, tk, D, generator=gen, device=device, dtype=dtype)
     lay = llava_layout(b, tk, device)
     q_pos = lay["k_pos"][:, tk - tq :].contiguous()
     text_rows = q_pos >= lay["image_end"]  # the prompt after the image, and generated tokens
@@ -74,7 +74,7 @@ def plan_inputs(b, hkv, tq, tk, dtype, device, *, pre=False, reweight=False, hea
     if reweight:  # VAR
         kw["reweight"] = (text_rows, 0.4, 0.9, 0.2)
     if head_scale:
-        kw["head_scale"] = torch.rand(b, H, generator=gen).to(device) + 0.5
+        kw["head_scale"] = torch.rand(b, H, generator=gen, device=device) + 0.5
     return (q, k, v), kw
 
 

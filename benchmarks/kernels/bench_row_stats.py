@@ -33,10 +33,10 @@ TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
 def inputs(b, length, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, H, D, generator=gen).to(device, dtype)
-    k = torch.randn(b, H, length, D, generator=gen).to(device, dtype)
-    v = torch.randn(b, H, length, D, generator=gen).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(b, H, D, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(b, H, length, D, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(b, H, length, D, generator=gen, device=device, dtype=dtype)
     lay = llava_layout(b, length, device)
     kw = dict(labels=lay["labels"], k_pos=lay["k_pos"], q_pos_row=lay["k_pos"][:, -1].contiguous(), scale=D**-0.5)
     return (q, k, v), kw

@@ -209,6 +209,9 @@ def test_bad_inputs_name_the_argument():
 def test_forced_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not dispatch.available("cpu")
+    assert "CUDA" in dispatch.unavailable_reason("cpu")
+    if not torch.cuda.is_available():
+        assert not dispatch.available("cuda") and "is_available() is False" in dispatch.unavailable_reason("cuda")
     qkv, kw = make_inputs(1, 2, 2, 4, 4, 64, torch.float32)
     with pytest.raises(BackendUnavailableError, match="backend='triton' cannot run here"):
         plan_attention(*(x.cpu() for x in qkv), **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
@@ -217,6 +220,11 @@ def test_forced_where_it_cannot_run(monkeypatch):
 def test_custom_op_under_torch_compile():
     """The op has a fake implementation, so it traces into one graph without breaks."""
     qkv, kw = make_inputs(1, 4, 2, 3, 40, 64, torch.float32, reweight=True)
+    plain = (*qkv, kw["labels"], kw["q_pos"], kw["k_pos"], kw["scale"], None, None, None, 1.0, 1.0, 0.0, None)
+    for path in ("prefill", "decode"):  # without reweighting, selected is an empty [0] tensor
+        torch.library.opcheck(
+            torch.ops.vlmfix.plan_attention.default, (*plain, path, 0), test_utils=("test_schema", "test_faketensor")
+        )
     torch.library.opcheck(
         torch.ops.vlmfix.plan_attention.default,
         (

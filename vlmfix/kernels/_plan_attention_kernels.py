@@ -436,10 +436,13 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
     hkv, tk = k.shape[1], k.shape[2]
     n_rep = h // hkv
     out = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
-    selected = torch.zeros((b, h, tq), dtype=torch.bool, device=q.device)
+    has_pre, has_rw, has_hs = pre_rows is not None, rw_rows is not None, head_scale is not None
+    # Without reweighting there is nothing to select: an empty tensor, and no memset launch.
+    # With it, the kernels write every row.
+    selected = torch.empty((b, h, tq) if has_rw else (0,), dtype=torch.bool, device=q.device)
+    ssb, ssh = selected.stride()[:2] if has_rw else (0, 0)
     if b * h * tq == 0:
         return out, selected, []
-    has_pre, has_rw, has_hs = pre_rows is not None, rw_rows is not None, head_scale is not None
     block_d = max(16, triton.next_power_of_2(d))
     qk_scale = scale * LOG2E
     dummy = labels  # stands for absent optional tensors; the kernels never read it then
@@ -463,7 +466,7 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             labels.stride(0), q_pos.stride(0), k_pos.stride(0), _stride(pre_rows, 0),
             _stride(pre_coef, 0), _stride(pre_coef, 1), _stride(rw_rows, 0), _stride(head_scale, 0),
-            selected.stride(0), selected.stride(1),
+            ssb, ssh,
             h, n_rep, tq, tk, n_qtiles,
         )
         meta = dict(
@@ -504,7 +507,7 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
     merge_args = (
         m_ws, l_ws, a_ws, out, sel_u8, rw_u8, hs_t,
         rw_p, rw_rho, rw_min_mass,
-        *out.stride()[:3], _stride(rw_rows, 0), _stride(head_scale, 0), selected.stride(0), selected.stride(1),
+        *out.stride()[:3], _stride(rw_rows, 0), _stride(head_scale, 0), ssb, ssh,
         h, tq, d, splits,
     )
     merge_meta = dict(

@@ -1,4 +1,4 @@
-"""Attention that executes a per-layer attention plan in one flash-style pass (Triton).
+"""Attention that executes a per-layer attention plan, flash-style, in Triton.
 
 The plan's parts, in the order they apply (DESIGN.md §5):
 
@@ -7,7 +7,7 @@ The plan's parts, in the order they apply (DESIGN.md §5):
    layers need nothing special); a row that sees no key outputs zeros;
 2. pre-softmax edit (PAI / PAINT): in rows ``pre_rows[b, i]``, ``z = q·k·scale`` becomes
    ``z + pre_coef[b, h, j] * |z|``;
-3. post-softmax reweighting (VAR, https://arxiv.org/abs/2503.03321): with segment masses
+3. post-softmax reweighting (VAR, Kang et al., "See What You Are Told", ICLR 2025): with segment masses
    ``P_sink`` (IMAGE_SINK), ``P_rest`` (IMAGE) and ``P_img = P_sink + P_rest`` of the
    edited distribution, a row in ``rows`` is *selected* iff ``P_img >= min_mass``,
    ``0 < P_sink <= rho * P_img`` and ``P_rest > 0``; a selected row keeps the fraction ``p``
@@ -15,14 +15,16 @@ The plan's parts, in the order they apply (DESIGN.md §5):
    ``O' = (A_text + p * A_sink + (1 + (1 - p) * P_sink / P_rest) * A_rest) / L``;
 4. per-head output scale (VHR): ``out *= head_scale[b, h]``.
 
-Two kernels execute the plan: a prefill kernel (query tiles against key tiles; with
-reweighting a first sweep finds the row max and segment sums, a second accumulates the
-reweighted output, so one accumulator suffices) and, for ``Tq <= DECODE_MAX_Q``, a
-split-KV decode kernel (each program handles all query heads of one KV head over one slice
-of the keys and writes partial ``(m, l_s, A_s)``; a second kernel merges the slices with
-log-sum-exp rescaling). Launch grids depend on shapes only (no host sync), so both paths
-can be captured in CUDA graphs. The Triton code lives in ``_plan_attention_kernels`` and is
-imported on first use: importing this module does not import Triton.
+Two paths execute the plan. Prefill: a small kernel finds, per query tile, the key tiles
+that every row sees in full and the last tile any row may see; the main kernel runs an
+online softmax over key tiles, without masks on the full ones; with reweighting it sweeps
+the keys twice (first the row max and segment sums, then the reweighted output), so one
+accumulator suffices. Decode (``Tq <= DECODE_MAX_Q``): split-KV; each program handles the
+query rows of the query heads of one KV head over one slice of the keys and writes partial
+``(m, l_s, A_s)``; a second kernel merges the slices with log-sum-exp rescaling. Launch
+grids depend on shapes only (no host sync), so both paths can be captured in CUDA graphs.
+The Triton code lives in ``_plan_attention_kernels`` and is imported on first use:
+importing this module does not import Triton.
 
 ``plan_attention_reference`` beside it computes the same thing densely in fp32.
 """
@@ -193,6 +195,8 @@ def _plan_attention_op(
     path: str,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op behind :func:`plan_attention` (no input checks: call that). Returns ``(out,
+    selected)``; selected is bool ``[B, H, Tq]`` with ``rw_rows``, else an empty ``[0]``."""
     from vlmfix.kernels import _plan_attention_kernels as K
 
     return K.launch(
@@ -236,7 +240,8 @@ def _(
     num_splits,
 ):
     b, h, tq, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, tq), dtype=torch.bool)
+    selected = q.new_empty((b, h, tq) if rw_rows is not None else (0,), dtype=torch.bool)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), selected
 
 
 def plan_attention_reference(
