@@ -62,7 +62,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--backend", default="reference", choices=["reference"], help="attention backend")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "reference", "triton"],
+        help="attention backend: auto ($VLMFIX_BACKEND if set, else triton on CUDA, reference elsewhere), "
+        "reference (pure torch) or triton (fused kernels)",
+    )
 
 
 def build_methods(args: argparse.Namespace) -> list:

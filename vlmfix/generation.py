@@ -224,7 +224,7 @@ def generate(
     use_cache: bool = True,
     return_scores: bool = False,
     apply_chat_template: bool = True,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> GenerationOutput:
     """Generate answers for a batch of (image, prompt) pairs with methods attached.
 
@@ -241,7 +241,8 @@ def generate(
             noise is drawn first, then one multinomial draw per sampling step).
         use_cache: decode with a KV cache (False recomputes the full sequence each step).
         return_scores: also return the per-step logits used to pick each token.
-        backend: attention backend, ``"reference"`` or ``"triton"``.
+        backend: attention backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else
+            ``"triton"`` on CUDA, ``"reference"`` elsewhere), ``"reference"`` or ``"triton"``.
 
     Returns:
         A :class:`GenerationOutput`.

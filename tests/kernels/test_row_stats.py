@@ -85,3 +85,13 @@ def test_custom_op_under_torch_compile():
     ref_probs, ref_out = last_row_stats_reference(*args, **kw)
     torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+
+
+def test_strided_position_and_key_views():
+    """Positions as vlmfix passes them: ``positions[:, -1]`` of a wider buffer (strided)."""
+    args, kw = inputs(3, 4, 2, 90, 64, torch.float32, pads=(0, 20, 5))
+    wide = torch.zeros(3, 130, dtype=kw["k_pos"].dtype, device=kw["k_pos"].device)
+    wide[:, :90] = kw["k_pos"]
+    kw = dict(kw, k_pos=wide[:, :90], q_pos_row=wide[:, 89])
+    assert not kw["q_pos_row"].is_contiguous()
+    check(args, kw)

@@ -93,6 +93,7 @@ def plan_launches(q_row, k, v, labels, k_pos, q_pos_row, scale):
     b, h, d = q_row.shape
     hkv, tk = k.shape[1], k.shape[2]
     n_rep = h // hkv
+    q_pos_row = q_pos_row.contiguous()  # the kernel reads QPos[b]: e.g. positions[:, -1] is strided
     probs = torch.empty((b, h, tk), dtype=torch.float32, device=q_row.device)
     out = torch.empty((b, h, d), dtype=q_row.dtype, device=q_row.device)
     if b * h == 0:

@@ -33,7 +33,7 @@ def unsupported_reason(query: torch.Tensor, plan: AttentionPlan) -> str | None:
     """Why this call cannot run on the kernels (None when it can)."""
     if query.shape[-1] not in HEAD_DIMS:
         return f"head dim {query.shape[-1]} is not one of {HEAD_DIMS}"
-    if plan.mask is not None and plan.mask.shape[0] != plan.labels.shape[0]:
+    if plan.custom_mask:
         return "a custom attention mask"
     if query.device.type == "cuda" and query.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {query.dtype} (the GPU kernels take float16 / bfloat16)"
@@ -52,8 +52,8 @@ def row_stats(query, key, value, plan: AttentionPlan, scaling: float):
     from vlmfix.plan import RowStats
 
     reason = unsupported_reason(query, plan)
-    if reason is not None or plan.custom_mask:
-        _fallback(reason or "a custom attention mask")
+    if reason is not None:
+        _fallback(reason)
         vis_row = plan.mask[:, 0, -1] if plan.mask is not None else plan.labels != reference.PAD
         return reference.row_stats(query, key, value, vis_row, plan.labels, scaling)
     probs, out_text = last_row_stats(
@@ -70,7 +70,7 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
 
     if plan.score_coef is None and plan.reweight is None:
         return reference.execute(query, key, value, plan, scaling)  # sdpa (flash) + head scales
-    reason = unsupported_reason(query, plan) or ("a custom attention mask" if plan.custom_mask else None)
+    reason = unsupported_reason(query, plan)
     if reason is not None:
         _fallback(reason)
         return reference.execute(query, key, value, plan, scaling)
