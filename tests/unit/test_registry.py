@@ -38,8 +38,8 @@ def test_unknown_option_is_named():
 def test_parse_and_yaml(tmp_path):
     p = tmp_path / "m.yaml"
     p.write_text("name: baseline\n")
-    got = methods.parse(["baseline"], [str(p)])
-    assert [c.name for c in got] == ["baseline", "baseline"]
+    # named by --method and by a preset: applied once, not twice
+    assert [c.name for c in methods.parse(["baseline"], [str(p)])] == ["baseline"]
     with pytest.raises(ConfigError, match="not selected"):
         methods.parse(["baseline"], ["var.alpha=1"])
     with pytest.raises(ConfigError, match="does not exist"):

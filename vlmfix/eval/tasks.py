@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.io import read_text
 
 __all__ = ["load_task_config", "CONFIG_DIR"]
 
@@ -41,7 +42,7 @@ def load_task_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     if p in _seen:
         raise ConfigError(f"include cycle: {' -> '.join(str(s) for s in (*_seen, p))}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: invalid YAML ({exc})") from None
     if not isinstance(data, dict):

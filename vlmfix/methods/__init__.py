@@ -10,15 +10,19 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.io import read_text
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["Method", "MethodConfig", "help_field", "register", "get", "available", "from_yaml", "parse", "build_config"]
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
+
+logger = logging.getLogger(__name__)
 
 
 def register(config_cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -75,7 +79,7 @@ def from_yaml(path: str | Path) -> list[MethodConfig]:
     if not path.exists():
         raise ConfigError(f"method config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if isinstance(data, dict) and "methods" in data:
@@ -95,29 +99,62 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
         configs: each a YAML file path or ``key=value`` / ``method.key=value`` overrides.
             A bare ``key=value`` applies to the single named method.
 
+    A method named with ``--method`` that a preset file also holds is applied once:
+    the preset's values, then the ``KEY=VALUE`` overrides, with a warning. A method
+    given twice otherwise (twice by name, or by two presets) is refused: applying a
+    method twice is never what a user means.
+
     Returns:
-        One config per method, in the given order.
+        One config per method, in the given order (named methods, then presets).
+
+    Raises:
+        ConfigError: unknown method or option, a wrongly typed value, or a method given twice.
     """
     names = list(names or [])
-    overrides: dict[str, dict[str, Any]] = {n.lower(): {} for n in names}
-    from_files: list[MethodConfig] = []
+    lowered = [n.strip().lower() for n in names]
+    twice = sorted({n for n in lowered if lowered.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--method {twice[0]} is given more than once; a method is applied once, name it once")
+    overrides: dict[str, dict[str, Any]] = {n: {} for n in lowered}
+    from_files: list[tuple[str, MethodConfig]] = []
     for spec in configs or []:
         if "=" not in spec:
-            from_files.extend(from_yaml(spec))
+            for cfg in from_yaml(spec):
+                earlier = next((src for src, c in from_files if c.name == cfg.name), None)
+                if earlier is not None:
+                    raise ConfigError(
+                        f"method {cfg.name!r} is in two presets ({earlier} and {spec}); keep one of them"
+                    )
+                from_files.append((spec, cfg))
             continue
         key, value = spec.split("=", 1)
         if "." in key:
             method, key = key.split(".", 1)
-            method = method.lower()
+            method = method.strip().lower()
         elif len(names) == 1:
-            method = names[0].lower()
+            method = lowered[0]
         else:
             raise ConfigError(f"--method-config {spec!r}: with {len(names)} methods, write METHOD.{key}={value}")
         if method not in overrides:
             raise ConfigError(f"--method-config {spec!r} names method {method!r}, which is not selected with --method")
         overrides[method][key.strip()] = _coerce(value)
-    out = [build_config(n, overrides[n.lower()]) for n in names]
-    return out + from_files
+    out = []
+    for n in lowered:
+        preset = next(((src, c) for src, c in from_files if c.name == get(n).name), None)
+        if preset is None:
+            out.append(build_config(n, overrides[n]))
+            continue
+        src, cfg = preset
+        from_files.remove(preset)
+        logger.warning(
+            "method %r is given by --method and by the preset %s: applying it once, with the preset's "
+            "values and the --method-config overrides %s",
+            cfg.name,
+            src,
+            overrides[n] or "(none)",
+        )
+        out.append(build_config(n, {**{k: v for k, v in cfg.to_dict().items() if k != "name"}, **overrides[n]}))
+    return out + [c for _, c in from_files]
 
 
 # Built-in methods register themselves on import.

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmfix.errors import DataError
-from vlmfix.io import JsonlWriter
+from vlmfix.io import JsonlWriter, read_text
 
 __all__ = ["PopeQuestion", "load_questions", "load_answers", "write_questions", "split_name", "SPLITS"]
 
@@ -58,7 +58,7 @@ def load_questions(path: str | os.PathLike) -> list[PopeQuestion]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"POPE question file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     body = text.lstrip()
     items = _parse_array(path, text) if body.startswith("[") else _parse_lines(path, text)
     if not items:
@@ -160,7 +160,7 @@ def load_answers(path: str | os.PathLike, questions: list[PopeQuestion]) -> dict
     path = Path(path)
     if not path.is_file():
         raise DataError(f"answers file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     items = _parse_array(path, text) if text.lstrip().startswith("[") else _parse_lines(path, text)
     answers: dict[int | str, str] = {}
     for lineno, rec in items:

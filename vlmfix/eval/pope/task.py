@@ -33,6 +33,7 @@ def run_pope(
     answers: Mapping[str, Mapping[int | str, str]] | None = None,
     ctx: DistContext | None = None,
     progress: bool = False,
+    retry_errors: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate a model on POPE question sets and write ``out_dir``.
 
@@ -50,6 +51,7 @@ def run_pope(
             ``{question_id: text}`` (from :func:`load_answers`); ``generate_fn`` may be None.
         ctx: distributed context (default: from the environment).
         progress: show a progress bar.
+        retry_errors: on resume, run again samples whose stored record is an error.
 
     Returns:
         The results dict on rank 0 (also written to ``results.json``), None elsewhere.
@@ -71,6 +73,8 @@ def run_pope(
             "model_id": run_info.get("model_id"),
             "methods": run_info.get("methods", []),
             "generation": run_info.get("generation", {}),
+            "model_resolved": run_info.get("model_resolved"),
+            "dtype": run_info.get("dtype"),
             "source": "answers" if answers is not None else "model",
         },
     )
@@ -100,7 +104,10 @@ def run_pope(
     def finish(_sample: Sample, text: str) -> dict[str, Any]:
         return {"answer": text, "pred": answer_parser(text), "parser": answer_parser.to_dict()}
 
-    records = run_samples(samples, out_dir, generate_fn, finish, batch_size=batch_size, ctx=ctx, progress=progress)
+    records = run_samples(
+        samples, out_dir, generate_fn, finish,
+        batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+    )  # fmt: skip
     if records is None:
         return None
     stale = [r for r in records if "error" not in r and r.get("parser") != answer_parser.to_dict()]
@@ -118,6 +125,8 @@ def run_pope(
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if results.get("limited"):  # a --limit run left items out: never complete
+        results["complete"] = False
     write_results(out_dir, results)
     write_report(out_dir, results)
     return results
