@@ -11,7 +11,7 @@ import vlmfix
 from vlmfix import methods
 from vlmfix.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "methods"
+CONFIGS = Path(__file__).resolve().parents[2] / "vlmfix" / "configs" / "methods"
 
 
 @pytest.mark.parametrize("name", methods.available())

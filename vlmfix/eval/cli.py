@@ -125,7 +125,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="on resume, keep stored error records as final (default: retry those samples)",
     )
-    p.add_argument("--config", metavar="YAML", help="task preset, e.g. configs/eval/pope_random.yaml or pope_random")
+    p.add_argument("--config", metavar="YAML", help="task preset: a YAML file or a shipped name (pope_random, chair, ...)")
     p.add_argument(
         "--limit", type=_positive_int, default=None, help="evaluate only the first N items (per split); not complete"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,24 @@ from vlmfix.errors import ConfigError
 from vlmfix.io import read_text
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
-__all__ = ["Method", "MethodConfig", "help_field", "register", "get", "available", "from_yaml", "parse", "build_config"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "help_field",
+    "register",
+    "get",
+    "available",
+    "from_yaml",
+    "parse",
+    "build_config",
+    "PRESET_DIR",
+    "presets",
+]
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
+
+#: Paper-default presets shipped inside the package (``vlmfix/configs/methods``).
+PRESET_DIR = Path(str(resources.files("vlmfix") / "configs" / "methods"))
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +83,13 @@ def build_config(name: str, overrides: dict[str, Any] | None = None) -> MethodCo
     return cls.from_dict(dict(overrides or {}))
 
 
+def presets() -> list[str]:
+    """Names of the shipped method presets (``vlmfix.methods.from_yaml("vcd")``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
 def from_yaml(path: str | Path) -> list[MethodConfig]:
-    """Load method configs from a YAML preset.
+    """Load method configs from a YAML preset file, or a shipped preset by name.
 
     The file holds one mapping with a ``name`` key, or a list of them, or
     ``{"methods": [...]}``; other keys are the method's options.
@@ -76,8 +97,13 @@ def from_yaml(path: str | Path) -> list[MethodConfig]:
     import yaml
 
     path = Path(path)
+    if not path.exists() and not path.suffix and (PRESET_DIR / f"{path}.yaml").is_file():
+        path = PRESET_DIR / f"{path}.yaml"
     if not path.exists():
-        raise ConfigError(f"method config file {str(path)!r} does not exist")
+        raise ConfigError(
+            f"method config file {str(path)!r} does not exist; give a YAML file or a shipped preset "
+            f"({', '.join(presets())})"
+        )
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
