@@ -148,7 +148,10 @@ def _check_type(method: str, key: str, value: Any, hint: Any, default: Any) -> A
     else:
         return value
     if ok is _MISSING:
-        wanted = "a list of " + _type_name(typing.get_args(hint)[0]) + "s" if origin is tuple else f"a {_type_name(hint)}"
+        if origin is tuple:
+            wanted = f"a list of {_type_name(typing.get_args(hint)[0])}s"
+        else:
+            wanted = ("an " if _type_name(hint)[0] in "aeiou" else "a ") + _type_name(hint)
         quote = " (quote text that looks like a number or a bool, e.g. KEY='123')" if hint is str else ""
         example = f"; e.g. {key}={list(default) if isinstance(default, tuple) else default!r}" if default not in (
             None,
