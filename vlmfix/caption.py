@@ -247,7 +247,11 @@ def caption_files(
     old = list(read_jsonl(out_path, strict=False)) if resume and out_path.exists() else []
     _check_settings(out_path, old, settings)
     wanted = {resolved(f) for f in files}
-    done = {rec.get("resolved_path") or resolved(rec["path"]): "error" in rec for rec in old if "path" in rec}
+    done: dict[str, bool] = {}  # resolved path -> only error records so far
+    for rec in old:
+        if "path" in rec:
+            key = rec.get("resolved_path") or resolved(rec["path"])  # older files: path only
+            done[key] = done.get(key, True) and "error" in rec
     retried = 0
     if retry_errors:
         failed = {k for k, is_error in done.items() if is_error and k in wanted}

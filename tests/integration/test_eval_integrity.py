@@ -116,6 +116,15 @@ def test_limited_run_is_not_complete(data, tmp_path):
     out2 = tmp_path / "run2"  # a limit above the question count leaves nothing out
     assert _cli(_pope(data, qfile, out2, "--no-progress", "--limit", "100"), fake_answer) == 0
     assert load_results(out2)["complete"] is True
+    chair = ["chair", "--images", str(data["images"]), "--annotations", str(data["instances"]), "--no-progress"]
+
+    def caption(images, prompts):
+        return ["A dog and a cat."] * len(prompts)
+
+    assert _cli([*chair, "--out", str(tmp_path / "c"), "--limit", "3"], caption) == 0
+    res = load_results(tmp_path / "c")
+    assert res["n_samples"] == 3 and res["complete"] is False and res["limit"] == 3
+    assert res["images"]["dir"] == str(data["images"])
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="on resume, keep stored error records as final (default: retry those samples)",
     )
-    p.add_argument("--config", metavar="YAML", help="task preset: a YAML file or a shipped name (pope_random, chair, ...)")
+    p.add_argument(
+        "--config", metavar="YAML", help="task preset: a YAML file or a shipped name (pope_random, chair, ...)"
+    )
     p.add_argument(
         "--limit", type=_positive_int, default=None, help="evaluate only the first N items (per split); not complete"
     )
@@ -338,12 +340,11 @@ def cmd_chair(args: argparse.Namespace) -> int:
         if args.image_ids:
             ids = _read_ids(args.image_ids)
         samples = image_samples(args.images, gt, n=args.n, seed=args.seed, image_ids=ids, prompt=args.prompt)
-        if args.limit is not None:
-            samples = samples[: args.limit]
-        if samples and all(s.error is not None for s in samples):  # checked before the model loads
+        chosen = samples[: args.limit] if args.limit is not None else samples
+        if chosen and all(s.error is not None for s in chosen):  # checked before the model loads
             raise DataError(
-                f"none of the {len(samples)} chosen images in {args.images} can be scored "
-                f"(first: {samples[0].error}); check --images and --annotations"
+                f"none of the {len(chosen)} chosen images in {args.images} can be scored "
+                f"(first: {chosen[0].error}); check --images and --annotations"
             )
     limited = args.limit is not None and len(samples) > args.limit
     if args.limit is not None:
