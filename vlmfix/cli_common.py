@@ -74,8 +74,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
         "--method-config",
         action="append",
         default=[],
-        metavar="FILE|KEY=VAL",
-        help="YAML preset file, or KEY=VALUE / METHOD.KEY=VALUE override (repeatable)",
+        metavar="FILE|PRESET|KEY=VAL",
+        help="YAML preset file or shipped preset name (e.g. vcd), or KEY=VALUE / METHOD.KEY=VALUE "
+        "override (repeatable); a method both named and in a preset is applied once",
     )
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument(
