@@ -50,6 +50,7 @@ def test_caption_folder_with_bad_files(tmp_path):
     assert "not an image" in by_path["fake.jpg"]["error"]
     assert "truncated" in by_path["truncated.png"]["error"] or "corrupt" in by_path["truncated.png"]["error"]
     assert "decompression bomb" in by_path["huge.png"]["error"]
+    assert "raise the limit: vlmfix caption --max-pixels N" in by_path["huge.png"]["error"]  # says how
     assert "notes.txt" not in by_path
 
 
