@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError, DataError
-from vlmfix.io import read_text
 from vlmfix.eval.pope.data import PopeQuestion
 from vlmfix.eval.records import read_records
+from vlmfix.io import read_text
 
 __all__ = ["AnswerRecord", "read_answer_records", "load_answers", "load_split_answers"]
 
