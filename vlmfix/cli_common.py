@@ -161,6 +161,14 @@ def check_args(args: argparse.Namespace) -> list:
         raise ConfigError(f"--top-k {args.top_k} must be >= 0 (0 = off)")
     resolve_dtype(args.dtype)
     check_device(args.device)
+    # The attention backend is resolved here ("auto" -> what will run), so a forced triton
+    # that cannot run fails before the model loads and records state the backend used.
+    import torch
+
+    from vlmfix.attention import resolve_backend
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.backend = resolve_backend(getattr(args, "backend", "auto"), device)
     return build_methods(args)
 
 
