@@ -34,11 +34,13 @@ _LAZY = {
     "M3ID": ("vlmfix.methods.m3id", "M3ID"),
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
+    "DeCo": ("vlmfix.methods.deco", "DeCo"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
+__all__ += ["DeCo"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.loading import load
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.deco import DeCo
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
