@@ -1,0 +1,268 @@
+"""Hidden-state and layer-contrast methods (DeCo, VISTA) against naive references.
+
+The references drive the stock model step by step with plain forwards and read every
+layer's hidden state from transformers' own ``output_hidden_states`` (or the test's own
+forward hooks), with their own padding and KV cache per input; the methods' maths is
+written here again from the papers / released code, per sample where the released code
+is per sample. vlmfix must give the same tokens and logits from one forward per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import FAMILIES, PROMPTS, make_images, tiny
+from transformers import DynamicCache
+
+import vlmfix
+from vlmfix.attachment import _attn_snapshot, active_handle
+from vlmfix.errors import ConfigError
+from vlmfix.generation import sample_next
+
+STEPS = 5
+GREEDY = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+SAMPLING = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+
+
+# --------------------------------------------------------------------------- plain decoding
+def _template(processor, prompt, image=True):
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _encode(processor, images, prompts, image=True):
+    texts = [_template(processor, p, image) for p in prompts]
+    kw = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
+    return dict(processor(images=images, **kw) if image else processor(**kw))
+
+
+class _Stream:
+    """One batch decoded with plain forwards and its own KV cache (or none)."""
+
+    def __init__(self, model, inputs, use_cache=True):
+        self.model, self.inputs, self.use_cache = model, inputs, use_cache
+        self.ids, self.mask = inputs["input_ids"], inputs["attention_mask"]
+        self.pos = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        self.cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+        self.step = 0
+
+    def forward(self):
+        """The step's output (``logits``, ``hidden_states`` of every layer)."""
+        kw = dict(attention_mask=self.mask, past_key_values=self.cache, use_cache=self.use_cache)
+        if self.step == 0 or not self.use_cache:
+            extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
+            out = self.model(input_ids=self.ids, position_ids=self.pos, output_hidden_states=True, **kw, **extra)
+        else:
+            out = self.model(
+                input_ids=self.ids[:, -1:], position_ids=self.pos[:, -1:], output_hidden_states=True, **kw
+            )
+        self.step += 1
+        return out
+
+    def append(self, tokens):
+        self.ids = torch.cat([self.ids, tokens[:, None]], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens[:, None])], 1)
+        self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], 1)
+
+
+def _layer_logits(model, out, layer, norm=True):
+    """Logits of decoder layer ``layer``'s output at the last position (fp32)."""
+    hs = out.hidden_states
+    if layer == len(hs) - 2:  # transformers' last entry is already normed
+        return out.logits[:, -1].float()
+    h = hs[layer + 1][:, -1]
+    if norm:
+        h = model.model.language_model.norm(h)
+    return model.lm_head(h).float()
+
+
+def _decode(streams, combine, policy, generator, steps=STEPS):
+    """Run every stream in lock step; ``combine(step, outs) -> logits [B, V]``."""
+    tokens, scores = [], []
+    with torch.no_grad():
+        for step in range(steps):
+            logits = combine(step, [s.forward() for s in streams])
+            nxt = sample_next(logits, generator=generator, **policy)
+            for s in streams:
+                s.append(nxt)
+            tokens.append(nxt)
+            scores.append(logits)
+    return torch.stack(tokens, 1), torch.stack(scores, 1)
+
+
+def _assert_same(out, ref_tokens, ref_scores):
+    assert len(out.token_ids) == ref_tokens.shape[0]
+    for i, ids in enumerate(out.token_ids):
+        assert ids == ref_tokens[i, : len(ids)].tolist()
+        torch.testing.assert_close(out.scores[i], ref_scores[i, : len(ids)], atol=2e-4, rtol=1e-4)
+
+
+def _vcd(main_inputs, generator):
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    abar = torch.cumprod(1 - betas, 0)[500].item()
+    px = main_inputs["pixel_values"]
+    noised = math.sqrt(abar) * px + math.sqrt(1 - abar) * torch.randn(px.shape, generator=generator)
+    return dict(main_inputs, pixel_values=noised)
+
+
+def _vcd_combine(logits, contrast):
+    probs = logits.softmax(-1)
+    out = 2 * logits - contrast
+    return out.masked_fill(probs < 0.1 * probs.max(-1, keepdim=True).values, float("-inf"))
+
+
+# --------------------------------------------------------------------------- DeCo reference
+def _deco_row(final, early_by_layer, alpha=0.6, top_k=20, top_p=0.9):
+    """DeCo for one row, as the released code does it (batch size 1)."""
+    probs = final.softmax(-1)
+    cand_p, cand_ids = probs.topk(min(top_k, probs.shape[-1]))
+    cut = min(int(torch.searchsorted(cand_p.cumsum(-1), torch.tensor(top_p), right=False)) + 1, top_k)
+    cand_ids = cand_ids[:cut]
+    layers = list(early_by_layer)
+    stacked = torch.stack([early_by_layer[i] for i in layers]).softmax(-1)[:, cand_ids]  # [layers, cand]
+    flat = int(stacked.argmax())
+    p_star = float(stacked.max())
+    chosen = early_by_layer[layers[flat // stacked.shape[1]]]
+    out = final + alpha * p_star * chosen
+    keep = torch.zeros_like(final, dtype=torch.bool)
+    keep[cand_ids] = True
+    return out.masked_fill(~keep, float("-inf"))
+
+
+def _deco(model, out, logits, layers, **kw):
+    early = {i: _layer_logits(model, out, i) for i in layers}
+    return torch.stack([_deco_row(logits[b], {i: e[b] for i, e in early.items()}, **kw) for b in range(len(logits))])
+
+
+def _deco_reference(model, processor, images, prompts, layers, policy, seed, with_vcd=False, use_cache=True):
+    generator = torch.Generator().manual_seed(seed)
+    main = _encode(processor, images, prompts)
+    streams = [_Stream(model, main, use_cache)]
+    if with_vcd:
+        streams.append(_Stream(model, _vcd(main, generator), use_cache))
+
+    def combine(step, outs):
+        logits = outs[0].logits[:, -1].float()
+        if with_vcd:
+            logits = _vcd_combine(logits, outs[1].logits[:, -1].float())
+        return _deco(model, outs[0], logits, layers)
+
+    return _decode(streams, combine, policy, generator)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "n,policy,seed,layers",
+    [(1, GREEDY, 0, (1, 2)), (3, GREEDY, 0, (0, 1, 2, 3)), (3, SAMPLING, 4, (1, 3))],
+    ids=["greedy-b1", "greedy-b3-all-layers", "sample-b3"],
+)
+def test_deco_matches_naive(family, n, policy, seed, layers):
+    model, processor = tiny(family)
+    images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
+    out = vlmfix.generate(
+        model, processor, images, prompts, [vlmfix.DeCo(layers=layers)], max_new_tokens=STEPS, return_scores=True,
+        seed=seed, **policy,
+    )
+    if n > 1:
+        assert len(set(out.prompt_lengths)) > 1, "prompts of different lengths exercise left padding"
+    ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, layers, policy, seed)
+    _assert_same(out, ref_tokens, ref_scores)
+    # one selected layer per row and step (finished rows included)
+    assert sum(out.stats["deco"]["selected_layers"].values()) == n * max(len(t) for t in out.token_ids)
+
+
+def test_deco_default_layers_scale_to_depth_and_differ_from_plain():
+    model, processor = tiny("llava_next")
+    images, prompts = make_images(3, seed=2), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    out = vlmfix.generate(model, processor, images, prompts, [vlmfix.DeCo()], **kw)
+    # 19..27 of 32 layers on a 4-layer LM: floor(i * 4 / 32) = {2, 3}
+    assert set(out.stats["deco"]["selected_layers"]) == {2, 3}
+    ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, (2, 3), GREEDY, 0)
+    _assert_same(out, ref_tokens, ref_scores)
+    plain = vlmfix.generate(model, processor, images, prompts, [], **kw)
+    assert any(not torch.allclose(a, b) for a, b in zip(out.scores, plain.scores))
+
+
+def test_deco_batch_equals_per_sample_and_cache_off():
+    model, processor = tiny("llava_onevision")
+    images, prompts = make_images(3, seed=3), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    cfg = [vlmfix.DeCo(layers=(1, 2))]
+    batch = vlmfix.generate(model, processor, images, prompts, cfg, **kw)
+    no_cache = vlmfix.generate(model, processor, images, prompts, cfg, use_cache=False, **kw)
+    assert batch.token_ids == no_cache.token_ids
+    for i in range(3):
+        single = vlmfix.generate(model, processor, images[i : i + 1], prompts[i : i + 1], cfg, **kw)
+        assert single.token_ids[0] == batch.token_ids[i]
+        torch.testing.assert_close(single.scores[0], batch.scores[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(no_cache.scores[i], batch.scores[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_deco_with_vcd_matches_naive_composition(family):
+    """VCD combines first (order 300), DeCo corrects the combined logits with the main rows'
+    early-exit logits (order 310)."""
+    model, processor = tiny(family)
+    images, prompts = make_images(3, seed=4), PROMPTS[1:4]
+    cfg = [vlmfix.DeCo(layers=(1, 2)), vlmfix.VCD()]
+    out = vlmfix.generate(model, processor, images, prompts, cfg, max_new_tokens=STEPS, return_scores=True)
+    ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, (1, 2), GREEDY, 0, with_vcd=True)
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+def test_deco_with_var_matches_naive_attached():
+    """VAR edits the attention of the forward that also yields DeCo's hidden states: the
+    reference attaches VAR to its plain forwards (no cache: the attached layout follows
+    one batch)."""
+    model, processor = tiny("llava")
+    images, prompts = make_images(3, seed=5), PROMPTS[1:4]
+    var = vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
+    out = vlmfix.generate(
+        model, processor, images, prompts, [var, vlmfix.DeCo(layers=(1, 2))], max_new_tokens=STEPS,
+        return_scores=True,
+    )
+    assert out.stats["var"]["rows_redistributed"] > 0
+    with vlmfix.attach(model, var):
+        ref_tokens, ref_scores = _deco_reference(
+            model, processor, images, prompts, (1, 2), GREEDY, 0, use_cache=False
+        )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+# --------------------------------------------------------------------------- shared invariants
+def _hooks(model):
+    return {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(getattr(m, "_forward_hooks_with_kwargs", {})))
+        for name, m in model.named_modules()
+    }
+
+
+LAYER_METHODS = {"deco": lambda: vlmfix.DeCo(layers=(1, 2))}
+
+
+@pytest.mark.parametrize("method", list(LAYER_METHODS))
+def test_attach_remove_leaves_no_trace(method):
+    model, processor = tiny("llava_next")
+    images, prompts = make_images(2), PROMPTS[:2]
+    hooks, attn = _hooks(model), _attn_snapshot(model)
+    plain = vlmfix.generate(model, processor, images, prompts, [], max_new_tokens=3, return_scores=True)
+    vlmfix.generate(model, processor, images, prompts, [LAYER_METHODS[method]()], max_new_tokens=3)
+    after = vlmfix.generate(model, processor, images, prompts, [], max_new_tokens=3, return_scores=True)
+    assert _hooks(model) == hooks and _attn_snapshot(model) == attn and active_handle(model) is None
+    assert plain.token_ids == after.token_ids
+    for a, b in zip(plain.scores, after.scores):
+        assert torch.equal(a, b)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="top_p=0"):
+        vlmfix.DeCo(top_p=0)
+    with pytest.raises(ConfigError, match="end_layer"):
+        vlmfix.DeCo(start_layer=5, end_layer=5)
+    model, processor = tiny("llava")
+    with pytest.raises(ConfigError, match="outside this model's 4 decoder layers"):
+        vlmfix.attach(model, vlmfix.DeCo(layers=(7,)))
+    assert active_handle(model) is None
