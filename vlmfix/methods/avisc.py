@@ -88,8 +88,9 @@ class AvisCMethod(Method):
         pad = call.layout.pad_mask.to(scores.device)
         probs = torch.softmax(scores.masked_fill(pad[:, None], float("-inf")), dim=-1).mean(1)  # [B, Tk]
         image = call.layout.image_mask.to(scores.device)
-        self._image_mask = image
-        self._attn[call.layer_idx] = probs * image
+        main = rows.main_rows  # other methods' probe-only rows may follow the main rows
+        self._image_mask = image[main]
+        self._attn[call.layer_idx] = (probs * image)[main]
 
     def _blind(self) -> torch.Tensor:
         """Bool ``[B, L]``: image tokens to zero in the contrast row (the non-blind ones)."""
