@@ -35,12 +35,13 @@ _LAZY = {
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
     "DeCo": ("vlmfix.methods.deco", "DeCo"),
+    "VISTA": ("vlmfix.methods.vista", "VISTA"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
-__all__ += ["DeCo"]
+__all__ += ["DeCo", "VISTA"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
+    from vlmfix.methods.vista import VISTA
 
 
 def __getattr__(name: str) -> Any:

@@ -132,3 +132,4 @@ from vlmfix.methods import paint as _paint  # noqa: E402,F401
 from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
+from vlmfix.methods import vista as _vista  # noqa: E402,F401

@@ -52,33 +52,46 @@ def depth_scaled_layers(
 
 
 class LayerOutputs:
-    """Outputs ``[B, T, D]`` of chosen decoder layers in the forward that ran last.
+    """Outputs ``[B, T', D]`` of chosen decoder layers in the forward that ran last.
 
-    The hooks keep a reference to each layer's output tensor (no copy) until the next
-    forward replaces it or :meth:`clear` drops it.
+    Only the positions the model turns into logits are kept: the last ``logits_to_keep``
+    (read from each forward's kwargs; ``vlmfix.generate`` asks for 1), or every position
+    when all logits are requested. Kept slices are copies, so the full activations are
+    freed as usual.
     """
 
     def __init__(self, handle, layers: list[int]):
         self.layers = list(layers)
         self.outputs: dict[int, torch.Tensor] = {}
+        self._keep = 1
         decoder = handle.adapter.decoder_layers(handle.model)
+        handle.add_hook(handle.model.register_forward_pre_hook(self._read_keep, with_kwargs=True))
         for i in self.layers:
-            handle.add_hook(decoder[i].register_forward_hook(self._keep(i)))
+            handle.add_hook(decoder[i].register_forward_hook(self._keep_output(i)))
 
-    def _keep(self, i: int):
+    def _read_keep(self, module, args, kwargs):
+        keep = kwargs.get("logits_to_keep", 0)
+        self._keep = keep if isinstance(keep, int) else 0  # index tensors: keep everything
+
+    def _keep_output(self, i: int):
         def hook(module, args, output):
-            self.outputs[i] = output[0] if isinstance(output, tuple) else output
+            h = output[0] if isinstance(output, tuple) else output
+            self.outputs[i] = h[:, -self._keep :].clone() if self._keep > 0 else h
 
         return hook
 
     def last(self, i: int, rows: slice | None = None) -> torch.Tensor:
         """Layer ``i``'s output at the last position, ``[B, D]`` (optionally some rows)."""
+        h = self.get(i)[:, -1, :]
+        return h if rows is None else h[rows]
+
+    def get(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s kept output ``[B, T', D]``."""
         if i not in self.outputs:
             from vlmfix.errors import StateError
 
             raise StateError(f"no output of decoder layer {i} was recorded; the model has not run a forward")
-        h = self.outputs[i][:, -1, :]
-        return h if rows is None else h[rows]
+        return self.outputs[i]
 
     def clear(self) -> None:
         self.outputs.clear()
@@ -87,6 +100,9 @@ class LayerOutputs:
 def early_exit_logits(handle, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
     """``lm_head(norm(hidden))`` (or ``lm_head(hidden)``) in the model's dtype, returned as fp32.
 
+    The head's weights are applied directly (``F.linear``), so hooks that other methods put
+    on ``lm_head`` (VISTA's logit mixing) do not fire for early-exit projections.
+
     Args:
         handle: the :class:`~vlmfix.attachment.AttachHandle`.
         hidden: ``[..., D]`` hidden states.
@@ -94,4 +110,5 @@ def early_exit_logits(handle, hidden: torch.Tensor, final_norm: bool = True) -> 
     """
     if final_norm:
         hidden = handle.adapter.get(handle.model, "final_norm")(hidden)
-    return handle.adapter.get(handle.model, "lm_head")(hidden).float()
+    head = handle.adapter.get(handle.model, "lm_head")
+    return torch.nn.functional.linear(hidden, head.weight, head.bias).float()
