@@ -136,7 +136,9 @@ def _deco(model, out, logits, layers, **kw):
     return torch.stack([_deco_row(logits[b], {i: e[b] for i, e in early.items()}, **kw) for b in range(len(logits))])
 
 
-def _deco_reference(model, processor, images, prompts, layers, policy, seed, with_vcd=False, use_cache=True):
+def _deco_reference(
+    model, processor, images, prompts, layers, policy, seed, with_vcd=False, use_cache=True, **deco
+):
     generator = torch.Generator().manual_seed(seed)
     main = _encode(processor, images, prompts)
     streams = [_Stream(model, main, use_cache)]
@@ -147,27 +149,38 @@ def _deco_reference(model, processor, images, prompts, layers, policy, seed, wit
         logits = outs[0].logits[:, -1].float()
         if with_vcd:
             logits = _vcd_combine(logits, outs[1].logits[:, -1].float())
-        return _deco(model, outs[0], logits, layers)
+        return _deco(model, outs[0], logits, layers, **deco)
 
     return _decode(streams, combine, policy, generator)
 
 
+# The tiny models' distributions are nearly flat (max p ~ 0.01), so the paper's alpha moves
+# logits by ~1e-3: large alphas and small top_p make every part of the maths visible.
+DECO_CASES = {
+    "paper": dict(alpha=0.6, top_k=20, top_p=0.9),
+    "top-p-cut": dict(alpha=50.0, top_k=20, top_p=0.1),
+    "top-k-cut": dict(alpha=50.0, top_k=5, top_p=0.9),
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(DECO_CASES))
 @pytest.mark.parametrize(
     "n,policy,seed,layers",
     [(1, GREEDY, 0, (1, 2)), (3, GREEDY, 0, (0, 1, 2, 3)), (3, SAMPLING, 4, (1, 3))],
     ids=["greedy-b1", "greedy-b3-all-layers", "sample-b3"],
 )
-def test_deco_matches_naive(family, n, policy, seed, layers):
+def test_deco_matches_naive(family, case, n, policy, seed, layers):
     model, processor = tiny(family)
     images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
+    deco = DECO_CASES[case]
     out = vlmfix.generate(
-        model, processor, images, prompts, [vlmfix.DeCo(layers=layers)], max_new_tokens=STEPS, return_scores=True,
-        seed=seed, **policy,
+        model, processor, images, prompts, [vlmfix.DeCo(layers=layers, **deco)], max_new_tokens=STEPS,
+        return_scores=True, seed=seed, **policy,
     )
     if n > 1:
         assert len(set(out.prompt_lengths)) > 1, "prompts of different lengths exercise left padding"
-    ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, layers, policy, seed)
+    ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, layers, policy, seed, **deco)
     _assert_same(out, ref_tokens, ref_scores)
     # one selected layer per row and step (finished rows included)
     assert sum(out.stats["deco"]["selected_layers"].values()) == n * max(len(t) for t in out.token_ids)
@@ -232,6 +245,197 @@ def test_deco_with_var_matches_naive_attached():
     _assert_same(out, ref_tokens, ref_scores)
 
 
+# --------------------------------------------------------------------------- VISTA reference
+def _last_outputs(model, inputs):
+    """Every decoder layer's output at the last position, read by the test's own hooks in
+    one plain forward (the released code's ForwardTracer)."""
+    got = {}
+    layers = model.model.language_model.layers
+
+    def keep(i):
+        return lambda module, args, out: got.__setitem__(i, out[:, -1].float())
+
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            _Stream(model, inputs, use_cache=False).forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def _steering_hooks(model, vsv, lam):
+    """The released VSVLayer after every MLP, one row at a time (row b uses vsv[i][b])."""
+
+    def make(i):
+        def hook(module, args, x):
+            out = []
+            for b in range(x.shape[0]):
+                xb, v = x[b].float(), vsv[i][b]
+                sim = 1.0 + torch.clamp(torch.nn.functional.cosine_similarity(xb, -v[None], dim=-1), min=0)
+                # F.normalize's eps (1e-12) matters: padded positions have an all-zero MLP output
+                y = lam * sim[:, None] * (v / v.norm().clamp_min(1e-12))
+                xn = xb / xb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                z = xn + y
+                out.append(z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) * xb.norm(dim=-1, keepdim=True))
+            return torch.stack(out).to(x.dtype)
+
+        return hook
+
+    return [layer.mlp.register_forward_hook(make(i)) for i, layer in enumerate(model.model.language_model.layers)]
+
+
+def _sla(model, out, layers, alpha):
+    early = torch.stack([_layer_logits(model, out, i, norm=False) for i in layers]).mean(0)
+    return alpha * early + (1 - alpha) * out.logits[:, -1].float()
+
+
+def _vista_reference(
+    model, processor, images, prompts, *, lam, alpha, layers, policy, seed, with_vcd=False, use_cache=True
+):
+    generator = torch.Generator().manual_seed(seed)
+    main = _encode(processor, images, prompts)
+    vsv = {}
+    if lam > 0:
+        pos, neg = _last_outputs(model, main), _last_outputs(model, _encode(processor, None, prompts, image=False))
+        vsv = {i: pos[i] - neg[i] for i in pos}
+    streams = [_Stream(model, main, use_cache)]
+    if with_vcd:
+        streams.append(_Stream(model, _vcd(main, generator), use_cache))
+
+    def combine(step, outs):
+        logits = [_sla(model, o, layers, alpha) if alpha > 0 else o.logits[:, -1].float() for o in outs]
+        return _vcd_combine(*logits) if with_vcd else logits[0]
+
+    hooks = _steering_hooks(model, vsv, lam) if lam > 0 else []
+    try:
+        return _decode(streams, combine, policy, generator)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+VISTA_CASES = {
+    "both": dict(lam=0.17, alpha=0.3),
+    "vsv-only": dict(lam=0.5, alpha=0.0),
+    "sla-only": dict(lam=0.0, alpha=0.3),
+}
+
+
+def _vista(lam, alpha, layers=(1, 2)):
+    return vlmfix.VISTA(vsv_lambda=lam, sla_alpha=alpha, sla_layers=layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(VISTA_CASES))
+@pytest.mark.parametrize(
+    "n,policy,seed", [(1, GREEDY, 0), (3, GREEDY, 0), (3, SAMPLING, 6)], ids=["greedy-b1", "greedy-b3", "sample-b3"]
+)
+def test_vista_matches_naive(family, case, n, policy, seed):
+    model, processor = tiny(family)
+    images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
+    kw = VISTA_CASES[case]
+    out = vlmfix.generate(
+        model, processor, images, prompts, [_vista(**kw)], max_new_tokens=STEPS, return_scores=True, seed=seed,
+        **policy,
+    )
+    ref_tokens, ref_scores = _vista_reference(
+        model, processor, images, prompts, layers=(1, 2), policy=policy, seed=seed, **kw
+    )
+    _assert_same(out, ref_tokens, ref_scores)
+    plain = vlmfix.generate(
+        model, processor, images, prompts, [], max_new_tokens=STEPS, return_scores=True, seed=seed, **policy
+    )
+    assert not torch.allclose(out.scores[0][0], plain.scores[0][0]), "VISTA must change the logits"
+
+
+def test_vista_default_layers_and_batch_equals_per_sample_and_cache_off():
+    model, processor = tiny("llava_next")
+    images, prompts = make_images(3, seed=3), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    cfg = [vlmfix.VISTA()]  # SLA layers 25..30 of 32 -> {3} on 4 layers (raw last-layer output)
+    batch = vlmfix.generate(model, processor, images, prompts, cfg, **kw)
+    assert len(batch.stats["vista"]["vsv_norm_mean"]) == 3
+    explicit = vlmfix.generate(model, processor, images, prompts, [vlmfix.VISTA(sla_layers=(3,))], **kw)
+    for a, b in zip(batch.scores, explicit.scores):
+        assert torch.equal(a, b)
+    no_cache = vlmfix.generate(model, processor, images, prompts, cfg, use_cache=False, **kw)
+    assert batch.token_ids == no_cache.token_ids
+    for i in range(3):
+        single = vlmfix.generate(model, processor, images[i : i + 1], prompts[i : i + 1], cfg, **kw)
+        assert single.token_ids[0] == batch.token_ids[i]
+        torch.testing.assert_close(single.scores[0], batch.scores[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(no_cache.scores[i], batch.scores[i], atol=1e-4, rtol=1e-4)
+    vsv_only = vlmfix.generate(model, processor, images, prompts, [vlmfix.VISTA(sla_alpha=0)], **kw)
+    ref_tokens, ref_scores = _vista_reference(
+        model, processor, images, prompts, lam=0.17, alpha=0.0, layers=(), policy=GREEDY, seed=0
+    )
+    _assert_same(vsv_only, ref_tokens, ref_scores)
+
+
+def test_vista_sla_runs_inside_plain_model_generate():
+    """SLA lives in the model's forward (an lm_head hook), as in the released code, so a
+    plain model.generate sees it while attached."""
+    model, processor = tiny("llava_onevision")
+    images, prompts = make_images(3, seed=2), PROMPTS[:3]
+    inputs = _encode(processor, images, prompts)
+    with vlmfix.attach(model, _vista(0.0, 0.3)):
+        got = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    ref_tokens, ref_scores = _vista_reference(
+        model, processor, images, prompts, lam=0.0, alpha=0.3, layers=(1, 2), policy=GREEDY, seed=0
+    )
+    L = inputs["input_ids"].shape[1]
+    assert torch.equal(got.sequences[:, L:], ref_tokens)
+    torch.testing.assert_close(torch.stack(got.logits, 1), ref_scores, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_vista_with_vcd_matches_naive_composition(family):
+    """The steered model with SLA serves both VCD rows (as the released VISTA model would
+    serve both of VCD's calls); each row is steered with its sample's vector."""
+    model, processor = tiny(family)
+    images, prompts = make_images(3, seed=4), PROMPTS[1:4]
+    out = vlmfix.generate(
+        model, processor, images, prompts, [_vista(0.17, 0.3), vlmfix.VCD()], max_new_tokens=STEPS,
+        return_scores=True,
+    )
+    ref_tokens, ref_scores = _vista_reference(
+        model, processor, images, prompts, lam=0.17, alpha=0.3, layers=(1, 2), policy=GREEDY, seed=0, with_vcd=True
+    )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+def test_vista_with_var_matches_naive_attached():
+    model, processor = tiny("llava")
+    images, prompts = make_images(3, seed=5), PROMPTS[1:4]
+    var = vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
+    out = vlmfix.generate(
+        model, processor, images, prompts, [var, _vista(0.17, 0.3)], max_new_tokens=STEPS, return_scores=True
+    )
+    assert out.stats["var"]["rows_redistributed"] > 0
+    with vlmfix.attach(model, var):
+        ref_tokens, ref_scores = _vista_reference(
+            model, processor, images, prompts, lam=0.17, alpha=0.3, layers=(1, 2), policy=GREEDY, seed=0,
+            use_cache=False,
+        )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+def test_vista_probe_rows_leave_avisc_and_vcd_untouched():
+    """VISTA's image-free probe rows share AvisC's probe forward and then leave the batch."""
+    model, processor = tiny("llava")
+    images, prompts = make_images(2), PROMPTS[:2]
+    kw = dict(max_new_tokens=3, return_scores=True)
+    alone = vlmfix.generate(model, processor, images, prompts, [vlmfix.AvisC(), vlmfix.VCD()], **kw)
+    both = vlmfix.generate(
+        model, processor, images, prompts, [_vista(0.17, 0.0), vlmfix.AvisC(), vlmfix.VCD()], **kw
+    )
+    assert both.stats["avisc"] == alone.stats["avisc"]
+    assert len(both.token_ids) == 2 and len(both.stats["vista"]["vsv_norm_mean"]) == 2
+
+
 # --------------------------------------------------------------------------- shared invariants
 def _hooks(model):
     return {
@@ -240,7 +444,11 @@ def _hooks(model):
     }
 
 
-LAYER_METHODS = {"deco": lambda: vlmfix.DeCo(layers=(1, 2))}
+LAYER_METHODS = {
+    "deco": lambda: vlmfix.DeCo(layers=(1, 2)),
+    "vista": lambda: vlmfix.VISTA(sla_layers=(1, 2)),
+    "vista-sla-only": lambda: vlmfix.VISTA(vsv_lambda=0),
+}
 
 
 @pytest.mark.parametrize("method", list(LAYER_METHODS))
@@ -262,7 +470,13 @@ def test_config_validation_names_the_field():
         vlmfix.DeCo(top_p=0)
     with pytest.raises(ConfigError, match="end_layer"):
         vlmfix.DeCo(start_layer=5, end_layer=5)
+    with pytest.raises(ConfigError, match="sla_alpha=1.5"):
+        vlmfix.VISTA(sla_alpha=1.5)
+    with pytest.raises(ConfigError, match="does nothing"):
+        vlmfix.VISTA(vsv_lambda=0, sla_alpha=0)
     model, processor = tiny("llava")
+    with pytest.raises(ConfigError, match="sla_layers"):
+        vlmfix.attach(model, vlmfix.VISTA(sla_layers=(9,)))
     with pytest.raises(ConfigError, match="outside this model's 4 decoder layers"):
         vlmfix.attach(model, vlmfix.DeCo(layers=(7,)))
     assert active_handle(model) is None
