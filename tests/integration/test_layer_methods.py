@@ -55,9 +55,7 @@ class _Stream:
             extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
             out = self.model(input_ids=self.ids, position_ids=self.pos, output_hidden_states=True, **kw, **extra)
         else:
-            out = self.model(
-                input_ids=self.ids[:, -1:], position_ids=self.pos[:, -1:], output_hidden_states=True, **kw
-            )
+            out = self.model(input_ids=self.ids[:, -1:], position_ids=self.pos[:, -1:], output_hidden_states=True, **kw)
         self.step += 1
         return out
 
@@ -136,9 +134,7 @@ def _deco(model, out, logits, layers, **kw):
     return torch.stack([_deco_row(logits[b], {i: e[b] for i, e in early.items()}, **kw) for b in range(len(logits))])
 
 
-def _deco_reference(
-    model, processor, images, prompts, layers, policy, seed, with_vcd=False, use_cache=True, **deco
-):
+def _deco_reference(model, processor, images, prompts, layers, policy, seed, with_vcd=False, use_cache=True, **deco):
     generator = torch.Generator().manual_seed(seed)
     main = _encode(processor, images, prompts)
     streams = [_Stream(model, main, use_cache)]
@@ -175,8 +171,15 @@ def test_deco_matches_naive(family, case, n, policy, seed, layers):
     images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
     deco = DECO_CASES[case]
     out = vlmfix.generate(
-        model, processor, images, prompts, [vlmfix.DeCo(layers=layers, **deco)], max_new_tokens=STEPS,
-        return_scores=True, seed=seed, **policy,
+        model,
+        processor,
+        images,
+        prompts,
+        [vlmfix.DeCo(layers=layers, **deco)],
+        max_new_tokens=STEPS,
+        return_scores=True,
+        seed=seed,
+        **policy,
     )
     if n > 1:
         assert len(set(out.prompt_lengths)) > 1, "prompts of different lengths exercise left padding"
@@ -234,14 +237,17 @@ def test_deco_with_var_matches_naive_attached():
     images, prompts = make_images(3, seed=5), PROMPTS[1:4]
     var = vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
     out = vlmfix.generate(
-        model, processor, images, prompts, [var, vlmfix.DeCo(layers=(1, 2))], max_new_tokens=STEPS,
+        model,
+        processor,
+        images,
+        prompts,
+        [var, vlmfix.DeCo(layers=(1, 2))],
+        max_new_tokens=STEPS,
         return_scores=True,
     )
     assert out.stats["var"]["rows_redistributed"] > 0
     with vlmfix.attach(model, var):
-        ref_tokens, ref_scores = _deco_reference(
-            model, processor, images, prompts, (1, 2), GREEDY, 0, use_cache=False
-        )
+        ref_tokens, ref_scores = _deco_reference(model, processor, images, prompts, (1, 2), GREEDY, 0, use_cache=False)
     _assert_same(out, ref_tokens, ref_scores)
 
 
@@ -337,7 +343,14 @@ def test_vista_matches_naive(family, case, n, policy, seed):
     images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
     kw = VISTA_CASES[case]
     out = vlmfix.generate(
-        model, processor, images, prompts, [_vista(**kw)], max_new_tokens=STEPS, return_scores=True, seed=seed,
+        model,
+        processor,
+        images,
+        prompts,
+        [_vista(**kw)],
+        max_new_tokens=STEPS,
+        return_scores=True,
+        seed=seed,
         **policy,
     )
     ref_tokens, ref_scores = _vista_reference(
@@ -381,8 +394,9 @@ def test_vista_sla_runs_inside_plain_model_generate():
     images, prompts = make_images(3, seed=2), PROMPTS[:3]
     inputs = _encode(processor, images, prompts)
     with vlmfix.attach(model, _vista(0.0, 0.3)):
-        got = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        got = model.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     ref_tokens, ref_scores = _vista_reference(
         model, processor, images, prompts, lam=0.0, alpha=0.3, layers=(1, 2), policy=GREEDY, seed=0
     )
@@ -398,7 +412,12 @@ def test_vista_with_vcd_matches_naive_composition(family):
     model, processor = tiny(family)
     images, prompts = make_images(3, seed=4), PROMPTS[1:4]
     out = vlmfix.generate(
-        model, processor, images, prompts, [_vista(0.17, 0.3), vlmfix.VCD()], max_new_tokens=STEPS,
+        model,
+        processor,
+        images,
+        prompts,
+        [_vista(0.17, 0.3), vlmfix.VCD()],
+        max_new_tokens=STEPS,
         return_scores=True,
     )
     ref_tokens, ref_scores = _vista_reference(
@@ -417,7 +436,15 @@ def test_vista_with_var_matches_naive_attached():
     assert out.stats["var"]["rows_redistributed"] > 0
     with vlmfix.attach(model, var):
         ref_tokens, ref_scores = _vista_reference(
-            model, processor, images, prompts, lam=0.17, alpha=0.3, layers=(1, 2), policy=GREEDY, seed=0,
+            model,
+            processor,
+            images,
+            prompts,
+            lam=0.17,
+            alpha=0.3,
+            layers=(1, 2),
+            policy=GREEDY,
+            seed=0,
             use_cache=False,
         )
     _assert_same(out, ref_tokens, ref_scores)
@@ -429,9 +456,7 @@ def test_vista_probe_rows_leave_avisc_and_vcd_untouched():
     images, prompts = make_images(2), PROMPTS[:2]
     kw = dict(max_new_tokens=3, return_scores=True)
     alone = vlmfix.generate(model, processor, images, prompts, [vlmfix.AvisC(), vlmfix.VCD()], **kw)
-    both = vlmfix.generate(
-        model, processor, images, prompts, [_vista(0.17, 0.0), vlmfix.AvisC(), vlmfix.VCD()], **kw
-    )
+    both = vlmfix.generate(model, processor, images, prompts, [_vista(0.17, 0.0), vlmfix.AvisC(), vlmfix.VCD()], **kw)
     assert both.stats["avisc"] == alone.stats["avisc"]
     assert len(both.token_ids) == 2 and len(both.stats["vista"]["vsv_norm_mean"]) == 2
 

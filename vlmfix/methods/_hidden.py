@@ -23,9 +23,7 @@ __all__ = ["REFERENCE_DEPTH", "depth_scaled_layers", "LayerOutputs", "early_exit
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B / LLaMA-2-7B: the depth the papers state their layers for
 
 
-def depth_scaled_layers(
-    layers: tuple[int, ...], start: int, end: int, num_layers: int, method: str
-) -> list[int]:
+def depth_scaled_layers(layers: tuple[int, ...], start: int, end: int, num_layers: int, method: str) -> list[int]:
     """Decoder layers a method reads, in increasing order.
 
     Explicit ``layers`` (negative indices count from the end) are used as given. Otherwise

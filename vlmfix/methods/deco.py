@@ -83,7 +83,9 @@ class DeCo(MethodConfig):
     top_p: float = help_field(0.9, "candidates: smallest top-k prefix with probability mass >= top_p (threshold_top_p)")
     start_layer: int = help_field(19, "first candidate layer (0-based decoder layer, for a 32-layer LM)")
     end_layer: int = help_field(28, "one past the last candidate layer (for a 32-layer LM)")
-    layers: tuple[int, ...] = help_field((), "explicit candidate layers (overrides start/end_layer; negative counts from the end)")
+    layers: tuple[int, ...] = help_field(
+        (), "explicit candidate layers (overrides start/end_layer; negative counts from the end)"
+    )
 
     def __post_init__(self):
         self._check(self.alpha >= 0, "alpha", ">= 0")

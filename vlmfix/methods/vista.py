@@ -82,8 +82,12 @@ class VISTA(MethodConfig):
     def __post_init__(self):
         self._check(self.vsv_lambda >= 0, "vsv_lambda", ">= 0")
         self._check(0 <= self.sla_alpha <= 1, "sla_alpha", "in [0, 1]")
-        self._check(self.vsv_lambda > 0 or self.sla_alpha > 0, "vsv_lambda", "> 0 when sla_alpha is 0 (else VISTA does nothing)")
-        self._check(isinstance(self.sla_start_layer, int) and self.sla_start_layer >= 0, "sla_start_layer", "an int >= 0")
+        self._check(
+            self.vsv_lambda > 0 or self.sla_alpha > 0, "vsv_lambda", "> 0 when sla_alpha is 0 (else VISTA does nothing)"
+        )
+        self._check(
+            isinstance(self.sla_start_layer, int) and self.sla_start_layer >= 0, "sla_start_layer", "an int >= 0"
+        )
         self._check(
             isinstance(self.sla_end_layer, int) and self.sla_end_layer > self.sla_start_layer,
             "sla_end_layer",
