@@ -36,12 +36,13 @@ _LAZY = {
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
     "DeCo": ("vlmfix.methods.deco", "DeCo"),
     "VISTA": ("vlmfix.methods.vista", "VISTA"),
+    "LOL": ("vlmfix.methods.lol", "LOL"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
-__all__ += ["DeCo", "VISTA"]
+__all__ += ["DeCo", "VISTA", "LOL"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.deco import DeCo
     from vlmfix.methods.icd import ICD
+    from vlmfix.methods.lol import LOL
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG

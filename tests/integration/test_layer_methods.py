@@ -27,13 +27,16 @@ SAMPLING = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
 
 
 # --------------------------------------------------------------------------- plain decoding
-def _template(processor, prompt, image=True):
+def _template(processor, prompt, image=True, system=None):
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    conv = [{"role": "user", "content": content}]
+    if system is not None:
+        conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return processor.apply_chat_template(conv, add_generation_prompt=True)
 
 
-def _encode(processor, images, prompts, image=True):
-    texts = [_template(processor, p, image) for p in prompts]
+def _encode(processor, images, prompts, image=True, system=None):
+    texts = [_template(processor, p, image, system) for p in prompts]
     kw = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
     return dict(processor(images=images, **kw) if image else processor(**kw))
 
@@ -461,6 +464,114 @@ def test_vista_probe_rows_leave_avisc_and_vcd_untouched():
     assert len(both.token_ids) == 2 and len(both.stats["vista"]["vsv_norm_mean"]) == 2
 
 
+# --------------------------------------------------------------------------- LOL reference
+AMATEUR = "You are a confused object detector."
+REFOCUS = "You are a careful assistant. Describe only what is truly visible in the image."
+
+
+def _lol_reference(
+    model,
+    processor,
+    images,
+    prompts,
+    *,
+    refocus,
+    layer,
+    policy,
+    seed,
+    alpha=1.0,
+    weight=1.0,
+    with_vcd=False,
+    use_cache=True,
+):
+    """Expert and amateur as separate batches; the contrast at the final and the lower layer."""
+    generator = torch.Generator().manual_seed(seed)
+    main = _encode(processor, images, prompts)
+    expert_inputs = _encode(processor, images, prompts, system=refocus) if refocus else main
+    streams = [
+        _Stream(model, expert_inputs, use_cache),
+        _Stream(model, _encode(processor, images, prompts, system=AMATEUR), use_cache),
+    ]
+    if with_vcd:
+        streams += [_Stream(model, main, use_cache), _Stream(model, _vcd(main, generator), use_cache)]
+
+    def combine(step, outs):
+        expert, amateur = outs[0], outs[1]
+        e_final, a_final = expert.logits[:, -1].float(), amateur.logits[:, -1].float()
+        e_low, a_low = _layer_logits(model, expert, layer), _layer_logits(model, amateur, layer)
+        fused = (1 + alpha) * e_final - alpha * a_final + weight * ((1 + alpha) * e_low - alpha * a_low)
+        probs = e_final.softmax(-1)
+        fused = fused.masked_fill(probs < 0.1 * probs.max(-1, keepdim=True).values, float("-inf"))
+        if with_vcd:  # LOL first (list order, same order 300), then VCD contrasts with the noised rows
+            fused = _vcd_combine(fused, outs[3].logits[:, -1].float())
+        return fused
+
+    return _decode(streams, combine, policy, generator)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("refocus", [REFOCUS, ""], ids=["refocused", "main-expert"])
+@pytest.mark.parametrize(
+    "n,policy,seed", [(1, GREEDY, 0), (3, GREEDY, 0), (3, SAMPLING, 8)], ids=["greedy-b1", "greedy-b3", "sample-b3"]
+)
+def test_lol_matches_naive(family, refocus, n, policy, seed):
+    model, processor = tiny(family)
+    images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
+    cfg = vlmfix.LOL(refocus=refocus, lower_layer=8, alpha=2.0, fusion_weight=3.0)  # layer 8 of 32 -> 1 of 4
+    out = vlmfix.generate(
+        model, processor, images, prompts, [cfg], max_new_tokens=STEPS, return_scores=True, seed=seed, **policy
+    )
+    ref_tokens, ref_scores = _lol_reference(
+        model, processor, images, prompts, refocus=refocus, layer=1, policy=policy, seed=seed, alpha=2.0, weight=3.0
+    )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+def test_lol_default_and_batch_equals_per_sample_and_cache_off():
+    model, processor = tiny("llava_next")
+    images, prompts = make_images(3, seed=3), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    cfg = [vlmfix.LOL()]  # lower layer 16 of 32 -> 2 of 4
+    batch = vlmfix.generate(model, processor, images, prompts, cfg, **kw)
+    ref_tokens, ref_scores = _lol_reference(
+        model, processor, images, prompts, refocus=REFOCUS, layer=2, policy=GREEDY, seed=0
+    )
+    _assert_same(batch, ref_tokens, ref_scores)
+    no_cache = vlmfix.generate(model, processor, images, prompts, cfg, use_cache=False, **kw)
+    assert batch.token_ids == no_cache.token_ids
+    for i in range(3):
+        single = vlmfix.generate(model, processor, images[i : i + 1], prompts[i : i + 1], cfg, **kw)
+        assert single.token_ids[0] == batch.token_ids[i]
+        torch.testing.assert_close(single.scores[0], batch.scores[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(no_cache.scores[i], batch.scores[i], atol=1e-4, rtol=1e-4)
+
+
+def test_lol_with_vcd_matches_naive_composition():
+    model, processor = tiny("llava_onevision")
+    images, prompts = make_images(3, seed=4), PROMPTS[1:4]
+    cfg = [vlmfix.LOL(refocus="", lower_layer=8), vlmfix.VCD()]
+    out = vlmfix.generate(model, processor, images, prompts, cfg, max_new_tokens=STEPS, return_scores=True)
+    ref_tokens, ref_scores = _lol_reference(
+        model, processor, images, prompts, refocus="", layer=1, policy=GREEDY, seed=0, with_vcd=True
+    )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
+def test_lol_with_var_matches_naive_attached():
+    model, processor = tiny("llava")
+    images, prompts = make_images(3, seed=5), PROMPTS[1:4]
+    var = vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
+    out = vlmfix.generate(
+        model, processor, images, prompts, [var, vlmfix.LOL(lower_layer=8)], max_new_tokens=STEPS, return_scores=True
+    )
+    assert out.stats["var"]["rows_redistributed"] > 0
+    with vlmfix.attach(model, var):
+        ref_tokens, ref_scores = _lol_reference(
+            model, processor, images, prompts, refocus=REFOCUS, layer=1, policy=GREEDY, seed=0, use_cache=False
+        )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
 # --------------------------------------------------------------------------- shared invariants
 def _hooks(model):
     return {
@@ -473,6 +584,7 @@ LAYER_METHODS = {
     "deco": lambda: vlmfix.DeCo(layers=(1, 2)),
     "vista": lambda: vlmfix.VISTA(sla_layers=(1, 2)),
     "vista-sla-only": lambda: vlmfix.VISTA(vsv_lambda=0),
+    "lol": lambda: vlmfix.LOL(),
 }
 
 
@@ -497,6 +609,10 @@ def test_config_validation_names_the_field():
         vlmfix.DeCo(start_layer=5, end_layer=5)
     with pytest.raises(ConfigError, match="sla_alpha=1.5"):
         vlmfix.VISTA(sla_alpha=1.5)
+    with pytest.raises(ConfigError, match="amateur"):
+        vlmfix.LOL(amateur=" ")
+    with pytest.raises(ConfigError, match="fusion_weight"):
+        vlmfix.LOL(fusion_weight=-1)
     with pytest.raises(ConfigError, match="does nothing"):
         vlmfix.VISTA(vsv_lambda=0, sla_alpha=0)
     model, processor = tiny("llava")
