@@ -37,12 +37,13 @@ _LAZY = {
     "DeCo": ("vlmfix.methods.deco", "DeCo"),
     "VISTA": ("vlmfix.methods.vista", "VISTA"),
     "LOL": ("vlmfix.methods.lol", "LOL"),
+    "RBD": ("vlmfix.methods.rbd", "RBD"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
-__all__ += ["DeCo", "VISTA", "LOL"]
+__all__ += ["DeCo", "VISTA", "LOL", "RBD"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT
+    from vlmfix.methods.rbd import RBD
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd

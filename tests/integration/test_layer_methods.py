@@ -572,6 +572,172 @@ def test_lol_with_var_matches_naive_attached():
     _assert_same(out, ref_tokens, ref_scores)
 
 
+# --------------------------------------------------------------------------- RBD reference
+RBD_NAIVE = "vlmfix_test_rbd_naive"
+_BOOST: dict = {}
+
+
+def _boosted_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention; in the boosted layers, z + gamma |z| on the significant keys."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1).float()
+    v = value.repeat_interleave(n_rep, dim=1).float()
+    z = (query.float() @ k.transpose(-1, -2)) * scaling
+    if module.layer_idx in _BOOST["layers"]:
+        sig = _BOOST["keys"]
+        cols = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.bool)
+        cols[:, : sig.shape[1]] = sig
+        for b in range(z.shape[0]):
+            z[b, :, :, cols[b]] = z[b, :, :, cols[b]] + _BOOST["gamma"] * z[b, :, :, cols[b]].abs()
+    z = z + attention_mask[:, :, :, : z.shape[-1]].float()
+    out = torch.softmax(z, dim=-1) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+class _BoostedStream(_Stream):
+    """A stream whose forwards run the boosted eager attention."""
+
+    def forward(self):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register(RBD_NAIVE, _boosted_attention)
+        AttentionMaskInterface.register(RBD_NAIVE, eager_mask)
+        before = self.model.config.text_config._attn_implementation_internal
+        self.model.set_attn_implementation({"text_config": RBD_NAIVE})
+        try:
+            return super().forward()
+        finally:
+            self.model.set_attn_implementation({"text_config": before})
+            self.model.config.text_config._attn_implementation_internal = before
+            AttentionInterface._global_mapping.pop(RBD_NAIVE, None)
+            AttentionMaskInterface._global_mapping.pop(RBD_NAIVE, None)
+
+
+def _significant(model, inputs, ratio):
+    """Top image tokens by the last prompt token's head-averaged attention summed over
+    layers, from the stock model's own eager attention maps."""
+    ids = inputs["input_ids"]
+    image = ids == model.config.image_token_id
+    before = _attn_snapshot(model)
+    model.set_attn_implementation("eager")
+    try:
+        mask = inputs["attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            out = model(**inputs, position_ids=pos, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before[""])
+    attn = sum(a[:, :, -1].float().mean(1) for a in out.attentions)  # [B, L]
+    sig = torch.zeros_like(image)
+    for b in range(ids.shape[0]):
+        cols = image[b].nonzero()[:, 0]
+        n = math.ceil(ratio * len(cols))
+        order = sorted(cols.tolist(), key=lambda c: -float(attn[b, c]))
+        sig[b, order[:n]] = True
+    return sig
+
+
+def _rbd_reference(
+    model,
+    processor,
+    images,
+    prompts,
+    *,
+    policy,
+    seed,
+    alpha=1.0,
+    gamma=1.0,
+    ratio=0.1,
+    gamma_attn=0.5,
+    layers=(2, 3),
+    use_cache=True,
+):
+    generator = torch.Generator().manual_seed(seed)
+    main = _encode(processor, images, prompts)
+    textual = _vcd(main, generator)
+    visual = _Stream(model, main, use_cache)  # gamma_attn = 0: the visual branch is the main input
+    if gamma_attn > 0:
+        _BOOST.update(keys=_significant(model, main, ratio), gamma=gamma_attn, layers=set(layers))
+        visual = _BoostedStream(model, main, use_cache)
+    streams = [_Stream(model, main, use_cache), _Stream(model, textual, use_cache), visual]
+
+    def combine(step, outs):
+        main_l, lt, lv = (o.logits[:, -1].float() for o in outs)
+        out = main_l + alpha * (main_l - lt) + gamma * (lv - main_l)
+        probs = main_l.softmax(-1)
+        return out.masked_fill(probs < 0.1 * probs.max(-1, keepdim=True).values, float("-inf"))
+
+    return _decode(streams, combine, policy, generator)
+
+
+RBD_CASES = {
+    "defaults": dict(),
+    "strong": dict(alpha=2.0, gamma=3.0, ratio=0.3, gamma_attn=2.0),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "case,n,policy,seed",
+    [("defaults", 3, GREEDY, 0), ("strong", 3, GREEDY, 0), ("strong", 3, SAMPLING, 9), ("strong", 1, GREEDY, 0)],
+    ids=["defaults-greedy-b3", "strong-greedy-b3", "strong-sample-b3", "strong-greedy-b1"],
+)
+def test_rbd_matches_naive(family, case, n, policy, seed):
+    model, processor = tiny(family)
+    images, prompts = make_images(n, seed=1), PROMPTS[1 : 1 + n]
+    kw = RBD_CASES[case]
+    cfg = vlmfix.RBD(
+        alpha=kw.get("alpha", 1.0),
+        gamma=kw.get("gamma", 1.0),
+        significant_ratio=kw.get("ratio", 0.1),
+        gamma_attn=kw.get("gamma_attn", 0.5),
+    )  # layers 2.. of 4 = (2, 3)
+    out = vlmfix.generate(
+        model, processor, images, prompts, [cfg], max_new_tokens=STEPS, return_scores=True, seed=seed, **policy
+    )
+    ref_tokens, ref_scores = _rbd_reference(model, processor, images, prompts, policy=policy, seed=seed, **kw)
+    _assert_same(out, ref_tokens, ref_scores)
+    assert all(c >= 1 for c in out.stats["rbd"]["significant_tokens"])
+
+
+def test_rbd_batch_equals_per_sample_and_cache_off():
+    model, processor = tiny("llava_onevision")
+    images, prompts = make_images(3, seed=3), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    cfg = [vlmfix.RBD(gamma_attn=2.0, significant_ratio=0.3)]
+    batch = vlmfix.generate(model, processor, images, prompts, cfg, **kw)
+    no_cache = vlmfix.generate(model, processor, images, prompts, cfg, use_cache=False, **kw)
+    assert batch.token_ids == no_cache.token_ids
+    for i in range(3):
+        single = vlmfix.generate(model, processor, images[i : i + 1], prompts[i : i + 1], cfg, seed=0, **kw)
+        assert single.token_ids[0] == batch.token_ids[i] or i > 0  # noise draws differ per batch size
+        torch.testing.assert_close(no_cache.scores[i], batch.scores[i], atol=1e-4, rtol=1e-4)
+
+
+def test_rbd_with_var_matches_naive_attached():
+    """VAR applies to every row (all three streams of the reference); RBD's boost follows
+    it in the visual rows (RBD edits scores before the softmax, VAR the probabilities)."""
+    model, processor = tiny("llava")
+    images, prompts = make_images(3, seed=5), PROMPTS[1:4]
+    var = vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
+    out = vlmfix.generate(
+        model,
+        processor,
+        images,
+        prompts,
+        [var, vlmfix.RBD(gamma_attn=0.0)],
+        max_new_tokens=STEPS,
+        return_scores=True,
+    )
+    assert out.stats["var"]["rows_redistributed"] > 0
+    with vlmfix.attach(model, var):
+        ref_tokens, ref_scores = _rbd_reference(
+            model, processor, images, prompts, policy=GREEDY, seed=0, gamma_attn=0.0, use_cache=False
+        )
+    _assert_same(out, ref_tokens, ref_scores)
+
+
 # --------------------------------------------------------------------------- shared invariants
 def _hooks(model):
     return {
@@ -585,6 +751,7 @@ LAYER_METHODS = {
     "vista": lambda: vlmfix.VISTA(sla_layers=(1, 2)),
     "vista-sla-only": lambda: vlmfix.VISTA(vsv_lambda=0),
     "lol": lambda: vlmfix.LOL(),
+    "rbd": lambda: vlmfix.RBD(),
 }
 
 
@@ -613,6 +780,8 @@ def test_config_validation_names_the_field():
         vlmfix.LOL(amateur=" ")
     with pytest.raises(ConfigError, match="fusion_weight"):
         vlmfix.LOL(fusion_weight=-1)
+    with pytest.raises(ConfigError, match="significant_ratio"):
+        vlmfix.RBD(significant_ratio=0)
     with pytest.raises(ConfigError, match="does nothing"):
         vlmfix.VISTA(vsv_lambda=0, sla_alpha=0)
     model, processor = tiny("llava")

@@ -130,6 +130,7 @@ from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
 from vlmfix.methods import paint as _paint  # noqa: E402,F401
+from vlmfix.methods import rbd as _rbd  # noqa: E402,F401
 from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
