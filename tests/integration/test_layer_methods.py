@@ -163,11 +163,15 @@ DECO_CASES = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", list(DECO_CASES))
 @pytest.mark.parametrize(
-    "n,policy,seed,layers",
-    [(1, GREEDY, 0, (1, 2)), (3, GREEDY, 0, (0, 1, 2, 3)), (3, SAMPLING, 4, (1, 3))],
-    ids=["greedy-b1", "greedy-b3-all-layers", "sample-b3"],
+    "case,n,policy,seed,layers",
+    [
+        ("paper", 3, GREEDY, 0, (0, 1, 2, 3)),
+        ("top-p-cut", 3, GREEDY, 0, (0, 1, 2, 3)),
+        ("top-p-cut", 3, SAMPLING, 4, (1, 3)),
+        ("top-k-cut", 1, GREEDY, 0, (1, 2)),
+    ],
+    ids=["paper-greedy-b3-all-layers", "top-p-cut-greedy-b3-all-layers", "top-p-cut-sample-b3", "top-k-cut-greedy-b1"],
 )
 def test_deco_matches_naive(family, case, n, policy, seed, layers):
     model, processor = tiny(family)
@@ -337,9 +341,16 @@ def _vista(lam, alpha, layers=(1, 2)):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", list(VISTA_CASES))
 @pytest.mark.parametrize(
-    "n,policy,seed", [(1, GREEDY, 0), (3, GREEDY, 0), (3, SAMPLING, 6)], ids=["greedy-b1", "greedy-b3", "sample-b3"]
+    "case,n,policy,seed",
+    [
+        ("both", 3, GREEDY, 0),
+        ("vsv-only", 3, GREEDY, 0),
+        ("sla-only", 3, GREEDY, 0),
+        ("both", 3, SAMPLING, 6),
+        ("both", 1, GREEDY, 0),
+    ],
+    ids=["both-greedy-b3", "vsv-only-greedy-b3", "sla-only-greedy-b3", "both-sample-b3", "both-greedy-b1"],
 )
 def test_vista_matches_naive(family, case, n, policy, seed):
     model, processor = tiny(family)
@@ -510,9 +521,10 @@ def _lol_reference(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("refocus", [REFOCUS, ""], ids=["refocused", "main-expert"])
 @pytest.mark.parametrize(
-    "n,policy,seed", [(1, GREEDY, 0), (3, GREEDY, 0), (3, SAMPLING, 8)], ids=["greedy-b1", "greedy-b3", "sample-b3"]
+    "refocus,n,policy,seed",
+    [(REFOCUS, 3, GREEDY, 0), ("", 3, GREEDY, 0), (REFOCUS, 3, SAMPLING, 8), (REFOCUS, 1, GREEDY, 0)],
+    ids=["refocused-greedy-b3", "main-expert-greedy-b3", "refocused-sample-b3", "refocused-greedy-b1"],
 )
 def test_lol_matches_naive(family, refocus, n, policy, seed):
     model, processor = tiny(family)
