@@ -787,6 +787,46 @@ def test_attach_remove_leaves_no_trace(method):
         assert torch.equal(a, b)
 
 
+def test_all_together_with_var_and_vcd_run_one_forward_per_step():
+    """Every new method attached at once, with VAR and VCD: one probe forward (VISTA's
+    image-free rows and RBD's measurement share it), then one forward per step."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from vlmfix.methods.base import Method, MethodConfig
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class _Spy(MethodConfig):
+        name: ClassVar[str] = "_layer_spy"
+
+        def build(self):
+            class _M(Method):
+                def on_forward(self, handle, kwargs):
+                    seen.append((handle.controller.rows.probing, kwargs["input_ids"].shape[0]))
+
+            return _M(self)
+
+    model, processor = tiny("llava_next")
+    cfg = [
+        _Spy(),
+        vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0),
+        vlmfix.VISTA(),
+        vlmfix.LOL(),
+        vlmfix.RBD(),
+        vlmfix.VCD(),
+        vlmfix.DeCo(),
+    ]
+    out = vlmfix.generate(model, processor, make_images(2), PROMPTS[:2], cfg, max_new_tokens=4, return_scores=True)
+    assert len(out.token_ids) == 2 and all(torch.isfinite(s).any(-1).all() for s in out.scores)
+    probe, *steps = seen
+    assert probe == (True, 2 * 2)  # main rows + VISTA's image-free rows
+    # main + LOL (amateur, refocused) + RBD (textual, visual) + VCD = 6 rows per sample
+    assert len(steps) == max(len(t) for t in out.token_ids) and all(s == (False, 2 * 6) for s in steps)
+    assert set(out.stats) == {"_layer_spy", "var", "vista", "lol", "rbd", "vcd", "deco"}
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="top_p=0"):
         vlmfix.DeCo(top_p=0)
