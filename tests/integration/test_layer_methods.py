@@ -9,6 +9,7 @@ is per sample. vlmfix must give the same tokens and logits from one forward per 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -305,8 +306,10 @@ def _sla(model, out, layers, alpha):
 
 
 def _vista_reference(
-    model, processor, images, prompts, *, lam, alpha, layers, policy, seed, with_vcd=False, use_cache=True
+    model, processor, images, prompts, *, lam, alpha, layers, policy, seed, with_vcd=False, use_cache=True, attached=()
 ):
+    """VISTA the naive way. ``attached`` methods act while decoding, not in the two readings
+    of the steering vector (measurements are not edits: vlmfix's probe runs VISTA alone)."""
     generator = torch.Generator().manual_seed(seed)
     main = _encode(processor, images, prompts)
     vsv = {}
@@ -323,7 +326,8 @@ def _vista_reference(
 
     hooks = _steering_hooks(model, vsv, lam) if lam > 0 else []
     try:
-        return _decode(streams, combine, policy, generator)
+        with vlmfix.attach(model, *attached) if attached else contextlib.nullcontext():
+            return _decode(streams, combine, policy, generator)
     finally:
         for h in hooks:
             h.remove()
@@ -448,19 +452,19 @@ def test_vista_with_var_matches_naive_attached():
         model, processor, images, prompts, [var, _vista(0.17, 0.3)], max_new_tokens=STEPS, return_scores=True
     )
     assert out.stats["var"]["rows_redistributed"] > 0
-    with vlmfix.attach(model, var):
-        ref_tokens, ref_scores = _vista_reference(
-            model,
-            processor,
-            images,
-            prompts,
-            lam=0.17,
-            alpha=0.3,
-            layers=(1, 2),
-            policy=GREEDY,
-            seed=0,
-            use_cache=False,
-        )
+    ref_tokens, ref_scores = _vista_reference(
+        model,
+        processor,
+        images,
+        prompts,
+        lam=0.17,
+        alpha=0.3,
+        layers=(1, 2),
+        policy=GREEDY,
+        seed=0,
+        use_cache=False,
+        attached=[var],
+    )
     _assert_same(out, ref_tokens, ref_scores)
 
 
