@@ -125,9 +125,7 @@ def pareto_front(rows: list[dict[str, Any]], x: str = "recall", y: str = "chair_
     """Flags of the rows no other row beats on both ``x`` (higher) and ``y`` (lower)."""
     flags = []
     for r in rows:
-        dominated = any(
-            o is not r and o[x] >= r[x] and o[y] <= r[y] and (o[x] > r[x] or o[y] < r[y]) for o in rows
-        )
+        dominated = any(o is not r and o[x] >= r[x] and o[y] <= r[y] and (o[x] > r[x] or o[y] < r[y]) for o in rows)
         flags.append(not dominated)
     return flags
 
@@ -182,7 +180,9 @@ def run_sweep(
     if n < 1:
         raise ConfigError(f"n={n!r} must be >= 1")
     if (instances is None) != (images is None):
-        raise ConfigError("pass both --instances and --images (a COCO annotation file and its image folder), or neither")
+        raise ConfigError(
+            "pass both --instances and --images (a COCO annotation file and its image folder), or neither"
+        )
     points = grid_points(method, grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
