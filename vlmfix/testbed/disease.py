@@ -46,7 +46,14 @@ import torch
 
 from vlmfix.errors import ConfigError
 
-__all__ = ["attention_and_sinks", "hallucination_counts", "measure_disease", "markdown_report", "main"]
+__all__ = [
+    "attention_and_sinks",
+    "hallucination_counts",
+    "measure_disease",
+    "measure_folder_disease",
+    "markdown_report",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +361,32 @@ def markdown_report(record: dict[str, Any], name: str = "") -> str:
                   f"others; difference {100 * mv['difference']:+.1f} points "
                   f"[{100 * mv['ci'][0]:+.1f}, {100 * mv['ci'][1]:+.1f}]."]  # fmt: skip
     return "\n".join(lines)
+
+
+def measure_folder_disease(
+    folder: str | Path, *, n: int = 200, device: str = "auto", out: str | Path | None = None
+) -> dict[str, Any]:
+    """Measure a saved testbed folder and write ``disease.json`` / ``disease.md`` (default: in
+    ``folder``, beside ``metrics.json``; :func:`scripts/train_testbed.py --measure` does this).
+
+    Returns:
+        The record, plus ``"markdown"``.
+    """
+    import vlmfix
+
+    folder = Path(folder)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "float16" if device.startswith("cuda") else "float32"
+    model, processor = vlmfix.load(str(folder), dtype=dtype, device=device)
+    record = measure_disease(model, processor, n=n, batch_size=128 if device.startswith("cuda") else 32)
+    record["model"] = str(folder)
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "disease.json").write_text(json.dumps(record, indent=1))
+    md = markdown_report(record, folder.name)
+    (out / "disease.md").write_text(md + "\n")
+    return {**record, "markdown": md}
 
 
 def main(argv: list[str] | None = None) -> int:
