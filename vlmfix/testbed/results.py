@@ -1,8 +1,12 @@
 """Every method on every testbed variant: POPE, CHAIR and partner hallucination.
 
-One command writes ``docs/results.md`` (table + reading aids) and a plot::
+One command writes a run folder (``rows.json``, ``results.md``, a plot; default
+``runs/results-TIMESTAMP``); the documented numbers are regenerated with::
 
-    python -m vlmfix.testbed.results --out docs/results --n 200
+    python -m vlmfix.testbed.results --out docs/results --markdown docs/results.md --n 200
+
+Every metric carries the evaluators' seeded bootstrap 95% interval over images, and every
+method row its paired-bootstrap difference from the baseline (:mod:`.intervals`).
 
 For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``) and each
 registered method (paper defaults), on held-out ``clean``-world scenes of a seed that
@@ -142,7 +146,10 @@ def evaluate(
         "random": build_questions(natural, "random", n_images=n, seed=seed),
         "adversarial": build_questions(adversarial, "adversarial", n_images=n, seed=seed),
     }
+    from vlmfix.testbed import intervals
+
     rows = []
+    units: dict[str, dict[str, tuple]] = {}  # method -> source -> (image ids, counts, metric_fn)
     for name in method_names:
         configs = parse_method_spec(name)
         t0 = time.perf_counter()
@@ -150,7 +157,8 @@ def evaluate(
         def generate_fn(images, prompts, _configs=configs, max_new_tokens=24):
             return vlmfix.generate(model, processor, images, prompts, _configs, max_new_tokens=max_new_tokens).texts
 
-        row: dict[str, Any] = {"variant": variant, "method": name}
+        row: dict[str, Any] = {"variant": variant, "method": name, "ci": {}}
+        units[name] = {}
         for split_name, qs in questions.items():
             kind = "natural" if split_name == "random" else "adversarial"
             res = run_pope(
@@ -165,6 +173,10 @@ def evaluate(
             m = res["splits"][split_name]
             row[f"pope_{split_name}_acc"] = m["accuracy"]
             row[f"pope_{split_name}_f1"] = m["f1"]
+            row["ci"].update({f"pope_{split_name}_{k}": m["ci"][v] for k, v in (("acc", "accuracy"), ("f1", "f1"))})
+            units[name][f"pope_{split_name}"] = intervals.unit_counts(
+                f"pope_{split_name}", work / variant / name / f"pope_{split_name}"
+            )
         for kind in ("natural", "adversarial"):
             gt = load_ground_truth(splits[kind]["instances"])
             samples = image_samples(splits[kind]["images"], gt, n=None, prompt=CAPTION_PROMPT)
@@ -174,6 +186,8 @@ def evaluate(
             row[f"chair_s_{kind}"] = metrics["CHAIR_s"]
             row[f"chair_i_{kind}"] = metrics["CHAIR_i"]
             row[f"recall_{kind}"] = metrics["Recall"]
+            row["ci"].update({f"{k.lower()}_{kind}": metrics["ci"][k] for k in ("CHAIR_s", "CHAIR_i", "Recall")})
+            units[name][f"chair_{kind}"] = intervals.unit_counts(f"chair_{kind}", out)
             if kind == "adversarial":
                 from vlmfix.io import read_jsonl
 
@@ -182,9 +196,16 @@ def evaluate(
                 }
                 objs = _split_objects(splits[kind]["instances"])
                 row.update({f"partner_{k}": v for k, v in partner_stats(caps, objs).items()})
+                pc = intervals.partner_counts(caps, objs)
+                row["ci"]["partner_rate"] = intervals.partner_interval(pc)
+                units[name]["partner"] = intervals.unit_counts("partner", out, pc)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         logger.info("%s / %s done in %.1fs", variant, name, row["seconds"])
         rows.append(row)
+    if "baseline" in units:
+        for row in rows:
+            if row["method"] != "baseline":
+                row["vs_baseline"] = intervals.paired_vs_baseline(units["baseline"], units[row["method"]])
     return rows
 
 
@@ -193,6 +214,12 @@ def _fmt(x: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results table; cells carry ``[95% interval]`` when the row has one."""
+    from vlmfix.testbed.intervals import interval_cell
+
+    def _c(r, key):
+        return interval_cell(r, key)
+
     head = (
         "| variant | method | POPE rand acc | POPE rand F1 | POPE adv acc | POPE adv F1 | CHAIR_s nat | "
         "CHAIR_i nat | CHAIR_s adv | CHAIR_i adv | Recall adv | partner rate | after A | before A | A unnamed |"
@@ -200,10 +227,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['method']} | {_fmt(r['pope_random_acc'])} | {_fmt(r['pope_random_f1'])} | "
-            f"{_fmt(r['pope_adversarial_acc'])} | {_fmt(r['pope_adversarial_f1'])} | {_fmt(r['chair_s_natural'])} | "
-            f"{_fmt(r['chair_i_natural'])} | {_fmt(r['chair_s_adversarial'])} | {_fmt(r['chair_i_adversarial'])} | "
-            f"{_fmt(r['recall_adversarial'])} | {_fmt(r['partner_rate'])} | {_fmt(r['partner_after_a'])} | "
+            f"| {r['variant']} | {r['method']} | {_c(r, 'pope_random_acc')} | {_c(r, 'pope_random_f1')} | "
+            f"{_c(r, 'pope_adversarial_acc')} | {_c(r, 'pope_adversarial_f1')} | {_c(r, 'chair_s_natural')} | "
+            f"{_c(r, 'chair_i_natural')} | {_c(r, 'chair_s_adversarial')} | {_c(r, 'chair_i_adversarial')} | "
+            f"{_c(r, 'recall_adversarial')} | {_c(r, 'partner_rate')} | {_fmt(r['partner_after_a'])} | "
             f"{_fmt(r['partner_before_a'])} | {_fmt(r['partner_a_unnamed'])} |"
         )
     return "\n".join(lines)
@@ -242,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     from vlmfix import testbed
 
     parser = argparse.ArgumentParser(prog="python -m vlmfix.testbed.results", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/results", help="folder for rows.json and the plot")
-    parser.add_argument("--markdown", default="docs/results.md", help="where to write the table")
+    parser.add_argument(
+        "--out", default=None, help="run folder for rows.json, the plot and results.md (default runs/results-TIMESTAMP)"
+    )
+    parser.add_argument(
+        "--markdown", default=None, help="Markdown file to update (default OUT/results.md; docs: docs/results.md)"
+    )
     parser.add_argument("--n", type=int, default=200, help="scenes per split (default 200)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--variants", nargs="*", default=None, help="default: every shipped variant")
@@ -263,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     variants = args.variants or testbed.available_variants()
     methods = args.methods or vlmfix.methods.available()
-    out = Path(args.out)
+    out = Path(args.out or f"runs/results-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    args.markdown = args.markdown or str(out / "results.md")
     rows: list[dict[str, Any]] = []
     if args.from_rows:
         args.append, variants, methods = True, [], []
@@ -289,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     md = Path(args.markdown)
     text = md.read_text() if md.exists() else ""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
+    from vlmfix.testbed.intervals import reading
+
+    read = reading(rows)
+    if read:
+        table += "\n\nPaired bootstrap vs baseline (same scenes; 95% interval of the difference excludes 0):\n\n" + read
     block = f"{start}\n{table}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
