@@ -273,9 +273,10 @@ def _faint_partners(rng: HashRng, cats: torch.Tensor, visible: torch.Tensor, str
     rows = torch.arange(cats.shape[0], device=dev)[:, None].expand_as(head)
     with_head = (head >= 0) & visible[rows, head.clamp(min=0)]
     faint = with_head & rng.bernoulli("faint", strength, k=cat.MAX_VISIBLE)
-    low, span = cat.FAINT_CONTRAST
-    u = rng.bits("faint_level", cat.MAX_VISIBLE).double() / 2**32
-    return torch.where(faint, low + span * u, torch.ones_like(u)).float()
+    # integer 1/256 steps, so rendering is exact integer arithmetic (CPU == GPU bit for bit)
+    low, span = (round(256 * x) for x in cat.FAINT_CONTRAST)
+    level = low + ((rng.bits("faint_level", cat.MAX_VISIBLE) * (span + 1)) >> 32)
+    return torch.where(faint, level, torch.full_like(level, 256)).float() / 256
 
 
 def _natural_labels(rng: HashRng, variant: str, strength: float, pair_prob: float):
@@ -394,9 +395,9 @@ def render(batch: SceneBatch, *, chunk: int = 2048) -> torch.Tensor:
         masks = _masks(batch, lo, hi)
         col = colour[batch.cats[lo:hi].clamp(min=0)]  # [n, 4, 3]
         if batch.contrast is not None:  # faint glyphs: a share of the colour-to-background gap
-            bgf = batch.bg[lo:hi].float()[:, None, None]
-            c = batch.contrast[lo:hi, :, None]
-            col = (bgf + c * (col.float() - bgf)).round().clamp(0, 255).to(torch.uint8)
+            bg = batch.bg[lo:hi].long()[:, None, None]
+            c256 = (batch.contrast[lo:hi, :, None] * 256).round().long()  # exact: k / 256
+            col = (bg + torch.div((col.long() - bg) * c256 + 128, 256, rounding_mode="floor")).to(torch.uint8)
         for k in range(cat.MAX_VISIBLE):
             img = torch.where(masks[:, k, :, :, None], col[:, k, None, None, :], img)
         out[lo:hi] = img
