@@ -23,9 +23,8 @@ Command line::
     python -m vlmfix.testbed.sweep ...   # the same
 
 Example:
-    >>> points = grid_points("var", ["tau=2,5", "p=0.6"])  # doctest: +SKIP
-    >>> [p.overrides for p in points]  # doctest: +SKIP
-    [{}, {'tau': 2, 'p': 0.6}, {'tau': 5, 'p': 0.6}]
+    >>> [p.label for p in grid_points("var", ["tau=2,5", "p=0.6"])]
+    ['baseline', 'default', 'tau=2,p=0.6', 'tau=5,p=0.6']
 """
 
 from __future__ import annotations
