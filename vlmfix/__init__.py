@@ -34,11 +34,16 @@ _LAZY = {
     "M3ID": ("vlmfix.methods.m3id", "M3ID"),
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
+    "DeCo": ("vlmfix.methods.deco", "DeCo"),
+    "VISTA": ("vlmfix.methods.vista", "VISTA"),
+    "LOL": ("vlmfix.methods.lol", "LOL"),
+    "RBD": ("vlmfix.methods.rbd", "RBD"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
+__all__ += ["DeCo", "VISTA", "LOL", "RBD"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -47,14 +52,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.loading import load
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.deco import DeCo
     from vlmfix.methods.icd import ICD
+    from vlmfix.methods.lol import LOL
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT
+    from vlmfix.methods.rbd import RBD
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
+    from vlmfix.methods.vista import VISTA
 
 
 def __getattr__(name: str) -> Any:

@@ -57,7 +57,7 @@ class AttachHandle:
         controller: the :class:`~vlmfix.attention.Controller` shared with the attention function.
     """
 
-    def __init__(self, model, configs: list[MethodConfig], backend: str = "reference"):
+    def __init__(self, model, configs: list[MethodConfig], backend: str = "auto"):
         for cfg in configs:
             if not isinstance(cfg, MethodConfig):
                 raise ConfigError(
@@ -223,7 +223,7 @@ class AttachHandle:
         return out
 
 
-def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "reference") -> AttachHandle:
+def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "auto") -> AttachHandle:
     """Attach methods to a model for the duration of a ``with`` block (or until ``remove()``).
 
     While attached, plain ``model(...)`` and ``model.generate(...)`` calls see the methods.
@@ -231,7 +231,9 @@ def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "refer
     Args:
         model: a supported LLaVA-family model (see :func:`vlmfix.load`).
         *methods: method configs, e.g. ``vlmfix.methods.get("baseline")()``.
-        backend: ``"reference"`` (pure torch) or ``"triton"`` (CUDA kernels).
+        backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else ``"triton"`` on
+            CUDA where the kernels run, ``"reference"`` elsewhere), ``"reference"`` (pure
+            torch, any device) or ``"triton"`` (fused kernels; an error where they cannot run).
 
     Returns:
         An :class:`AttachHandle`; ``remove()`` restores the model bit-for-bit.

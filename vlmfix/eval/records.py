@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from vlmfix.errors import DataError
+from vlmfix.io import read_text
 
 __all__ = ["parse_lines", "parse_array", "read_records"]
 
@@ -29,7 +30,7 @@ def read_records(path: str | os.PathLike, what: str = "file") -> list[tuple[int,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     return parse_array(path, text) if text.lstrip().startswith("[") else parse_lines(path, text)
 
 

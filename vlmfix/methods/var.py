@@ -301,4 +301,15 @@ class VARRuntime(Method):
             "rows_considered": total,
             "rows_redistributed": selected,
             "rows_redistributed_fraction": selected / total if total else 0.0,
+            **self._no_effect(selected),
+        }
+
+    def _no_effect(self, selected: int) -> dict[str, str]:
+        """A ``no_effect`` note when no sink was found in any layer (results records flag it)."""
+        sinks = [int(v) for v in self._sinks.values()]
+        if selected or not sinks or any(sinks):
+            return {}
+        return {
+            "no_effect": f"0 sink tokens in every edited layer (tau={self.config.tau}), so VAR changed nothing; "
+            "pass a smaller tau for this model (see the attach warning)"
         }

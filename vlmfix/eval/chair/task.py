@@ -169,6 +169,7 @@ def run_chair(
     ctx: DistContext | None = None,
     progress: bool = False,
     bootstrap: BootstrapSpec | None = None,
+    retry_errors: bool = True,
 ) -> dict[str, Any] | None:
     """Caption (if needed) and score samples with CHAIR; write the run folder.
 
@@ -186,6 +187,7 @@ def run_chair(
         progress: show a progress bar.
         bootstrap: resamples / seed of the 95% intervals over images (default
             :class:`BootstrapSpec`: 1000 resamples, seed 0).
+        retry_errors: on resume, run again samples whose stored record is an error.
 
     Returns:
         The results dict on rank 0, None on other ranks.
@@ -204,6 +206,8 @@ def run_chair(
             "model_id": run_info.get("model_id"),
             "methods": run_info.get("methods", []),
             "generation": run_info.get("generation", {}),
+            "model_resolved": run_info.get("model_resolved"),
+            "dtype": run_info.get("dtype"),
         },
     )
 
@@ -215,7 +219,10 @@ def run_chair(
             return {"caption": text, "empty": True, **score.to_dict()}
         return {"caption": text, **score.to_dict()}
 
-    records = run_samples(samples, out_dir, generate_fn, finish, batch_size=batch_size, ctx=ctx, progress=progress)
+    records = run_samples(
+        samples, out_dir, generate_fn, finish,
+        batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+    )  # fmt: skip
     if records is None:
         return None
     ok = [r for r in records if "error" not in r]
@@ -246,6 +253,8 @@ def run_chair(
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if results.get("limited"):  # a --limit run left items out: never complete
+        results["complete"] = False
     write_results(out_dir, results)
     write_report(out_dir, results)
     captions_html(records, Path(out_dir) / "captions.html", title=f"CHAIR captions — {Path(out_dir).name}")

@@ -38,6 +38,7 @@ from typing import Any
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.eval.pope.data import PopeQuestion
 from vlmfix.eval.records import read_records
+from vlmfix.io import read_text
 
 __all__ = ["AnswerRecord", "read_answer_records", "load_answers", "load_split_answers"]
 
@@ -140,7 +141,7 @@ def read_answer_records(path: str | os.PathLike) -> list[AnswerRecord]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"answers file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     items: list[tuple[int, Any]] | None = None
     if text.lstrip().startswith("{"):
         try:

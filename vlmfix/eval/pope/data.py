@@ -14,7 +14,7 @@ from pathlib import Path
 from vlmfix.errors import DataError
 from vlmfix.eval.records import parse_array as _parse_array
 from vlmfix.eval.records import parse_lines as _parse_lines
-from vlmfix.io import JsonlWriter
+from vlmfix.io import JsonlWriter, read_text
 
 __all__ = ["PopeQuestion", "load_questions", "write_questions", "split_name", "SPLITS"]
 
@@ -58,7 +58,7 @@ def load_questions(path: str | os.PathLike) -> list[PopeQuestion]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"POPE question file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     body = text.lstrip()
     items = _parse_array(path, text) if body.startswith("[") else _parse_lines(path, text)
     if not items:

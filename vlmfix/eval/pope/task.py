@@ -35,6 +35,7 @@ def run_pope(
     ctx: DistContext | None = None,
     progress: bool = False,
     bootstrap: BootstrapSpec | None = None,
+    retry_errors: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate a model on POPE question sets and write ``out_dir``.
 
@@ -54,6 +55,7 @@ def run_pope(
         progress: show a progress bar.
         bootstrap: resamples / seed of the 95% intervals over images (default
             :class:`BootstrapSpec`: 1000 resamples, seed 0).
+        retry_errors: on resume, run again samples whose stored record is an error.
 
     Returns:
         The results dict on rank 0 (also written to ``results.json``), None elsewhere.
@@ -75,6 +77,8 @@ def run_pope(
             "model_id": run_info.get("model_id"),
             "methods": run_info.get("methods", []),
             "generation": run_info.get("generation", {}),
+            "model_resolved": run_info.get("model_resolved"),
+            "dtype": run_info.get("dtype"),
             "source": "answers" if answers is not None else "model",
         },
     )
@@ -104,7 +108,10 @@ def run_pope(
     def finish(_sample: Sample, text: str) -> dict[str, Any]:
         return {"answer": text, "pred": answer_parser(text), "parser": answer_parser.to_dict()}
 
-    records = run_samples(samples, out_dir, generate_fn, finish, batch_size=batch_size, ctx=ctx, progress=progress)
+    records = run_samples(
+        samples, out_dir, generate_fn, finish,
+        batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+    )  # fmt: skip
     if records is None:
         return None
     stale = [r for r in records if "error" not in r and r.get("parser") != answer_parser.to_dict()]
@@ -122,6 +129,8 @@ def run_pope(
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if results.get("limited"):  # a --limit run left items out: never complete
+        results["complete"] = False
     write_results(out_dir, results)
     write_report(out_dir, results)
     return results
