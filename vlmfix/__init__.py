@@ -34,11 +34,13 @@ _LAZY = {
     "M3ID": ("vlmfix.methods.m3id", "M3ID"),
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
+    "ONLY": ("vlmfix.methods.only", "ONLY"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
+__all__ += ["ONLY"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.m3id import M3ID
+    from vlmfix.methods.only import ONLY
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT

@@ -33,6 +33,7 @@ METHODS = {
     "vhr_forward": lambda: [vlmfix.VHR()],
     "vhr_one_pass": lambda: [vlmfix.VHR(mode="one_pass")],
     "paint": lambda: [vlmfix.PAINT()],
+    "only": lambda: [vlmfix.ONLY()],
     "all": lambda: [vlmfix.PAI(), vlmfix.VAR(tau=SINK_TAU), vlmfix.VHR(), vlmfix.PAINT()],
 }
 
@@ -109,7 +110,7 @@ def test_the_counter_sees_a_sync(monkeypatch):
     assert len(counter.calls) == 1 and counter.calls[0].startswith("__float__ from fake_module.py")
 
 
-@pytest.mark.parametrize("name", ["var"])
+@pytest.mark.parametrize("name", ["var", "only"])
 def test_no_host_sync_in_beam_search_steps(monkeypatch, name):
     """Beam bookkeeping (``BeamSearch.step``) and the methods' ``reorder_rows`` run between
     decode forwards and stay on the device too."""

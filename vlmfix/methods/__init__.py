@@ -125,6 +125,7 @@ from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
 from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
+from vlmfix.methods import only as _only  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
 from vlmfix.methods import paint as _paint  # noqa: E402,F401
