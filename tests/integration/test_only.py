@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PROMPTS, make_images, tiny
-from naive import encode, forward, greedy, sample, vcd, vcd_noise
 from naive import eager as eager_attention
+from naive import encode, forward, greedy, sample, vcd, vcd_noise
 
 import vlmfix
 from vlmfix.errors import ConfigError
