@@ -35,18 +35,20 @@ _LAZY = {
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
     "ONLY": ("vlmfix.methods.only", "ONLY"),
+    "AGLA": ("vlmfix.methods.agla", "AGLA"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
-__all__ += ["ONLY"]
+__all__ += ["ONLY", "AGLA"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
     from vlmfix.attachment import AttachHandle, attach
     from vlmfix.generation import GenerationOutput, generate
     from vlmfix.loading import load
+    from vlmfix.methods.agla import AGLA
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.icd import ICD

@@ -121,6 +121,7 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
 
 
 # Built-in methods register themselves on import.
+from vlmfix.methods import agla as _agla  # noqa: E402,F401
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
