@@ -36,12 +36,13 @@ _LAZY = {
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
     "ONLY": ("vlmfix.methods.only", "ONLY"),
     "AGLA": ("vlmfix.methods.agla", "AGLA"),
+    "HELPD": ("vlmfix.methods.helpd", "HELPD"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
-__all__ += ["ONLY", "AGLA"]
+__all__ += ["ONLY", "AGLA", "HELPD"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.agla import AGLA
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.helpd import HELPD
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.only import ONLY

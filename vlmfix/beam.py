@@ -95,13 +95,17 @@ class BeamSearch:
             self.fin_path = self.run_path.clone()
         self.offsets = torch.arange(B, device=device)[:, None] * n  # [B, 1]
 
-    def step(self, t: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, t: int, logits: torch.Tensor, penalty: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance by one token.
 
         Args:
             t: step index (0-based; ``t == T - 1`` is the last allowed token).
             logits: fp32 ``[B * n, V]`` next-token logits of the running beams (rows in
                 beam order), after every method.
+            penalty: optional fp32 ``[B * n]`` subtracted from the accumulated score of
+                every continuation of each beam (see :meth:`vlmfix.methods.Method.beam_penalty`).
 
         Returns:
             ``(tokens, source)``, both long ``[B * n]``: the token appended to each new
@@ -109,7 +113,8 @@ class BeamSearch:
         """
         B, n = self.B, self.n
         V = logits.shape[-1]
-        logp = torch.log_softmax(logits.float(), dim=-1).view(B, n, V) + self.running[:, :, None]
+        running = self.running if penalty is None else self.running - penalty.float().view(B, n)
+        logp = torch.log_softmax(logits.float(), dim=-1).view(B, n, V) + running[:, :, None]
         cand_scores, flat = torch.topk(logp.view(B, n * V), self.k, dim=-1)  # [B, K], sorted
         src, tok = flat // V, flat % V
         cand_tokens = _take(self.run_tokens, src)

@@ -477,7 +477,12 @@ def _decode_loop(
             if return_scores:
                 all_scores.append(logits)
             if beam is not None:
-                nxt, source = beam.step(step, logits)
+                penalty = None
+                for m in handle.methods:
+                    p = m.beam_penalty(step)
+                    if p is not None:
+                        penalty = p if penalty is None else penalty + p
+                nxt, source = beam.step(step, logits, penalty)
                 index = (source[None, :] + torch.arange(copies, device=dev)[:, None] * B).reshape(-1)
                 _reorder_rows(handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
                 seq_ids[:, n] = nxt.repeat(copies)

@@ -74,3 +74,35 @@ def greedy(next_logits, steps, eos=2):
         if tokens[-1] == eos:
             break
     return tokens, torch.stack(scores)
+
+
+def naive_beam(next_fn, num_beams, max_new_tokens, eos, length_penalty=1.0):
+    """Beam search over one sample (``early_stopping=False``), one hypothesis at a time.
+
+    ``next_fn(tokens) -> logits[V]`` or ``(logits[V], penalty)``: the penalty of the
+    hypothesis is subtracted from the score of each of its continuations.
+    Returns ``(tokens, score, per-step logits of the answer)``."""
+    K = max(2, 1 + len(eos)) * num_beams
+    running = [(0.0, [], [])]  # (score, tokens, logits per step)
+    finished: list = []
+    for t in range(max_new_tokens):
+        cands = []
+        for total, toks, hist in running:
+            out = next_fn(toks)
+            logits, penalty = out if isinstance(out, tuple) else (out, 0.0)
+            values, ids = logits.log_softmax(-1).topk(K)
+            cands += [(total - penalty + float(v), toks + [int(i)], hist + [logits]) for v, i in zip(values, ids)]
+        cands = sorted(cands, key=lambda c: -c[0])[:K]
+        ended = [c[1][-1] in eos or t == max_new_tokens - 1 for c in cands]
+        for rank, (c, end) in enumerate(zip(cands, ended)):
+            if end and rank < num_beams:
+                finished.append((c[0] / (t + 1) ** length_penalty, c[1], c[2]))
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        running = [c for c, end in zip(cands, ended) if not end][:num_beams]
+        if not running:
+            break
+        best = running[0][0] / (t + 1) ** length_penalty
+        if len(finished) == num_beams and best <= finished[-1][0]:
+            break  # no running beam can beat the worst finished one
+    score, tokens, hist = finished[0]
+    return tokens, score, torch.stack(hist)

@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 from conftest import PROMPTS, make_images, tiny
+from naive import naive_beam
 
 import vlmfix
 from vlmfix.errors import ConfigError
@@ -129,36 +130,6 @@ def _vcd(logits, contrast, alpha=1.0, beta=0.1):
     out = (1 + alpha) * logits - alpha * contrast
     probs = logits.softmax(-1)
     return out.masked_fill(probs < beta * probs.max(), float("-inf"))
-
-
-def naive_beam(next_logits, num_beams, max_new_tokens, eos, length_penalty=1.0):
-    """Beam search over one sample (``early_stopping=False``), one hypothesis at a time.
-
-    Returns ``(tokens, score, per-step logits of the answer)``."""
-    K = max(2, 1 + len(eos)) * num_beams
-    running = [(0.0, [], [])]  # (sum of log-probs, tokens, logits per step)
-    finished: list = []
-    for t in range(max_new_tokens):
-        cands = []
-        for total, toks, hist in running:
-            logits = next_logits(toks)
-            logp = logits.log_softmax(-1)
-            values, ids = logp.topk(K)
-            cands += [(total + float(v), toks + [int(i)], hist + [logits]) for v, i in zip(values, ids)]
-        cands = sorted(cands, key=lambda c: -c[0])[:K]
-        ended = [c[1][-1] in eos or t == max_new_tokens - 1 for c in cands]
-        for rank, (c, end) in enumerate(zip(cands, ended)):
-            if end and rank < num_beams:
-                finished.append((c[0] / (t + 1) ** length_penalty, c[1], c[2]))
-        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
-        running = [c for c, end in zip(cands, ended) if not end][:num_beams]
-        if not running:
-            break
-        best = running[0][0] / (t + 1) ** length_penalty
-        if len(finished) == num_beams and best <= finished[-1][0]:
-            break  # no running beam can beat the worst finished one
-    score, tokens, hist = finished[0]
-    return tokens, score, torch.stack(hist)
 
 
 def test_vcd_combines_per_beam():

@@ -34,6 +34,7 @@ METHODS = {
     "vhr_one_pass": lambda: [vlmfix.VHR(mode="one_pass")],
     "paint": lambda: [vlmfix.PAINT()],
     "only": lambda: [vlmfix.ONLY()],
+    "helpd": lambda: [vlmfix.HELPD(early=1)],
     "all": lambda: [vlmfix.PAI(), vlmfix.VAR(tau=SINK_TAU), vlmfix.VHR(), vlmfix.PAINT()],
 }
 
@@ -110,7 +111,7 @@ def test_the_counter_sees_a_sync(monkeypatch):
     assert len(counter.calls) == 1 and counter.calls[0].startswith("__float__ from fake_module.py")
 
 
-@pytest.mark.parametrize("name", ["var", "only"])
+@pytest.mark.parametrize("name", ["var", "only", "helpd"])
 def test_no_host_sync_in_beam_search_steps(monkeypatch, name):
     """Beam bookkeeping (``BeamSearch.step``) and the methods' ``reorder_rows`` run between
     decode forwards and stay on the device too."""
@@ -137,6 +138,7 @@ def test_no_host_sync_in_beam_search_steps(monkeypatch, name):
     watched(BeamSearch, "step")
     for cfg in METHODS[name]():
         watched(type(cfg.build()), "reorder_rows")
+        watched(type(cfg.build()), "beam_penalty")
     try:
         vlmfix.generate(
             model, processor, make_images(2), PROMPTS[:2], methods=METHODS[name](), max_new_tokens=STEPS, num_beams=3
@@ -144,5 +146,5 @@ def test_no_host_sync_in_beam_search_steps(monkeypatch, name):
     finally:
         for h in hooks:
             h.remove()
-    assert calls.count("step") == STEPS and calls.count("reorder_rows") == STEPS
+    assert calls.count("step") == STEPS and calls.count("reorder_rows") == STEPS == calls.count("beam_penalty")
     assert counter.calls == [], counter.calls

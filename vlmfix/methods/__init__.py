@@ -124,6 +124,7 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
 from vlmfix.methods import agla as _agla  # noqa: E402,F401
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
+from vlmfix.methods import helpd as _helpd  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
 from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
 from vlmfix.methods import only as _only  # noqa: E402,F401
