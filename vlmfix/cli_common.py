@@ -62,6 +62,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy/sampling; CHAIR papers: 5)")
     g.add_argument("--backend", default="reference", choices=["reference"], help="attention backend")
 
 
@@ -95,6 +96,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        num_beams=args.num_beams,
         seed=args.seed,
         backend=args.backend,
     )

@@ -162,3 +162,14 @@ def test_validation():
         vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], num_beams=2, do_sample=True)
     with pytest.raises(ConfigError, match="early_stopping"):
         vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], num_beams=2, early_stopping="sometimes")
+
+
+def test_cli_num_beams_option():
+    import argparse
+
+    from vlmfix.cli_common import add_model_options, generation_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    assert generation_kwargs(parser.parse_args([]))["num_beams"] == 1
+    assert generation_kwargs(parser.parse_args(["--num-beams", "5"]))["num_beams"] == 5
