@@ -47,8 +47,9 @@ def _next_fn(model, ids, extra, cfg):
     return next_fn
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
-@pytest.mark.parametrize("early", [10, 2], ids=["image-term", "over-trust"])
+@pytest.mark.parametrize(
+    "family,early", [("llava", 10), ("llava_onevision", 2)], ids=["image-term-llava", "over-trust-onevision"]
+)
 def test_matches_naive_penalised_beam_search(family, early):
     model, processor = tiny(family)
     images, prompts = make_images(2, seed=1), PROMPTS[1:3]
