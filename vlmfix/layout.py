@@ -150,12 +150,7 @@ class Layout:
         bufs = self.buffers
         if L + n > self.capacity:
             grown = Layout.from_tensors(
-                self.labels,
-                self.parts,
-                self.positions,
-                self.image_start,
-                self.image_end,
-                self.prompt_length,
+                self.labels, self.parts, self.positions, self.image_start, self.image_end, self.prompt_length,
                 capacity=max(2 * self.capacity, L + n),
             )
             bufs = grown.buffers
@@ -295,7 +290,9 @@ def text_layout(attention_mask: torch.Tensor) -> Layout:
     labels = torch.where(valid.bool(), Label.TEXT, Label.PAD).to(torch.int8)
     positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
     none = torch.full((B,), -1, dtype=torch.long, device=valid.device)
-    return Layout.from_tensors(labels, torch.zeros_like(labels), positions, none, none, L, has_image=False, padded=True)
+    return Layout.from_tensors(
+        labels, torch.zeros_like(labels), positions, none, none, L, has_image=False, padded=True
+    )
 
 
 def resolve_parts_from_embeddings(
