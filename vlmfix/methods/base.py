@@ -157,7 +157,7 @@ class Method:
 
     def reorder_rows(self, index: torch.Tensor) -> None:
         """Beam search moved the rows of the running batch: row ``r`` now continues old row
-        ``index[r]`` (long ``[num_rows]``, a permutation with repeats within each sample's
+        ``index[r]`` (long ``[num_rows]``, an index with repeats within each sample's
         rows). Gather any per-row state that differs between the beams of a sample (e.g.
         flags of generated positions); state fixed at the prefill is the same for every beam
         of a sample and needs nothing. Called between decode steps; pure tensor code."""
