@@ -234,7 +234,7 @@ def generate(
     use_cache: bool = True,
     return_scores: bool = False,
     apply_chat_template: bool = True,
-    backend: str = "reference",
+    backend: str = "auto",
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
@@ -254,7 +254,8 @@ def generate(
             noise is drawn first, then one multinomial draw per sampling step).
         use_cache: decode with a KV cache (False recomputes the full sequence each step).
         return_scores: also return the per-step logits used to pick each token.
-        backend: attention backend, ``"reference"`` or ``"triton"``.
+        backend: attention backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else
+            ``"triton"`` on CUDA, ``"reference"`` elsewhere), ``"reference"`` or ``"triton"``.
         num_beams: beams per sample (1: greedy or sampling). Beam search is deterministic
             (``do_sample=False``) and follows transformers' ``generate(num_beams=...)``;
             every method works with it (beams are rows, see :mod:`vlmfix.beam`).

@@ -97,7 +97,7 @@ class ONLY(MethodConfig):
     computed inside the same forward.
 
     Defaults are the released POPE script's (``js_gamma=0.2``); the CHAIR script uses
-    ``gamma=0.25`` (preset ``configs/methods/only_chair.yaml``).
+    ``gamma=0.25`` (preset ``vlmfix/configs/methods/only_chair.yaml``).
     """
 
     name: ClassVar[str] = "only"
