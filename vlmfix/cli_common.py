@@ -182,17 +182,22 @@ def build_from_args(args: argparse.Namespace):
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Every decoding setting passed to :func:`vlmfix.generate` (recorded as ``generation``)."""
-    return dict(
+    """Every decoding setting passed to :func:`vlmfix.generate` (recorded as ``generation``).
+
+    ``num_beams`` is recorded only when beam search is on, so records of greedy runs (and
+    resuming them) are unchanged."""
+    kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        num_beams=args.num_beams,
         seed=args.seed,
         backend=args.backend,
     )
+    if getattr(args, "num_beams", 1) != 1:
+        kwargs["num_beams"] = args.num_beams
+    return kwargs
 
 
 def resolve_model(name: str) -> str:

@@ -171,5 +171,5 @@ def test_cli_num_beams_option():
 
     parser = argparse.ArgumentParser()
     add_model_options(parser)
-    assert generation_kwargs(parser.parse_args([]))["num_beams"] == 1
+    assert "num_beams" not in generation_kwargs(parser.parse_args([]))  # greedy records stay as they were
     assert generation_kwargs(parser.parse_args(["--num-beams", "5"]))["num_beams"] == 5
