@@ -38,24 +38,31 @@ _LAZY = {
     "VISTA": ("vlmfix.methods.vista", "VISTA"),
     "LOL": ("vlmfix.methods.lol", "LOL"),
     "RBD": ("vlmfix.methods.rbd", "RBD"),
+    "ONLY": ("vlmfix.methods.only", "ONLY"),
+    "AGLA": ("vlmfix.methods.agla", "AGLA"),
+    "HELPD": ("vlmfix.methods.helpd", "HELPD"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
 __all__ += ["DeCo", "VISTA", "LOL", "RBD"]
+__all__ += ["ONLY", "AGLA", "HELPD"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
     from vlmfix.attachment import AttachHandle, attach
     from vlmfix.generation import GenerationOutput, generate
     from vlmfix.loading import load
+    from vlmfix.methods.agla import AGLA
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.deco import DeCo
+    from vlmfix.methods.helpd import HELPD
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.lol import LOL
     from vlmfix.methods.m3id import M3ID
+    from vlmfix.methods.only import ONLY
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT

@@ -27,6 +27,7 @@ __all__ = [
     "cache_kwarg",
     "cache_from_kwargs",
     "cache_length",
+    "reorder_cache",
     "get_attn_impl",
     "set_attn_impl",
     "register_attention",
@@ -72,6 +73,16 @@ def cache_length(cache) -> int:
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
     return int(cache.get_seq_length())
+
+
+def reorder_cache(cache, index) -> None:
+    """Reorder the batch rows of a KV cache in place: row ``r`` becomes old row ``index[r]``
+    (beam search). ``Cache.reorder_cache`` has this meaning on 5.17 through 5.x."""
+    if not hasattr(cache, "reorder_cache"):
+        from vlmfix.errors import StateError
+
+        raise StateError(f"{type(cache).__name__} cannot reorder its rows; beam search needs a DynamicCache")
+    cache.reorder_cache(index)
 
 
 def get_attn_impl(config) -> Any:

@@ -81,6 +81,16 @@ class AttentionCall:
     scaling: float | None = None
     row_stats: RowStats | None = None
 
+    def row_output(self, weights: torch.Tensor) -> torch.Tensor:
+        """The last query row's attention output with ``weights`` in place of its
+        probabilities: ``sum_j w[b, h, j] v[b, h, j]``, fp32 ``[B, H, D]``.
+
+        ``weights`` is fp32 ``[B, H, Tk]`` (typically ``row_stats.probs`` with some keys or
+        heads edited, e.g. ONLY's text-enhanced branch). Like :class:`~vlmfix.plan.RowStats`
+        it costs ``O(H * Tk * D)`` and is allowed in the decode hot path."""
+        v = reference.expand_kv(self.value, self.num_heads // self.num_kv_heads).float()
+        return (weights[:, :, None, :].to(v.dtype) @ v)[:, :, 0]
+
     @property
     def query_positions(self) -> torch.Tensor:
         """Key-axis positions of the query rows, ``[Tq]``."""

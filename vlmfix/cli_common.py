@@ -92,6 +92,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy/sampling; CHAIR papers: 5)")
     g.add_argument(
         "--backend",
         default="auto",
@@ -191,10 +192,9 @@ def build_from_args(args: argparse.Namespace):
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Every decoding setting passed to :func:`vlmfix.generate` (recorded as ``generation``).
 
-    ``vlmfix.generate`` decodes one sequence per prompt (no beams), so there is no
-    ``num_beams`` to record.
-    """
-    return dict(
+    ``num_beams`` is recorded only when beam search is on, so records of greedy runs (and
+    resuming them) are unchanged."""
+    kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
@@ -203,6 +203,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         backend=args.backend,
     )
+    if getattr(args, "num_beams", 1) != 1:
+        kwargs["num_beams"] = args.num_beams
+    return kwargs
 
 
 def resolve_model(name: str) -> str:

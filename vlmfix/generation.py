@@ -11,6 +11,12 @@ extra row per branch in the same batch, all rows are left-padded jointly, and on
 per step serves all of them. The combined logits choose one token per sample, which is
 appended to every row of that sample.
 
+Beam search (``num_beams > 1``, see :mod:`vlmfix.beam`) gives every sample ``num_beams``
+rows, in the main block and in every branch block alike, so each branch row follows its
+beam; after each step the rows, the KV cache (``reorder_cache``) and the per-row state of
+the attached methods (:meth:`vlmfix.methods.Method.reorder_rows`) follow the surviving
+beams.
+
 Random numbers come from one ``torch.Generator`` on the model's device, seeded with
 ``seed``: first each branch's ``pixels`` transform draws its noise (methods in application
 order, branches in declaration order), then each sampling step draws one
@@ -28,6 +34,7 @@ import torch
 
 from vlmfix import _compat
 from vlmfix.attachment import attach
+from vlmfix.beam import BeamSearch
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.methods.base import MethodConfig
@@ -48,6 +55,8 @@ class GenerationOutput:
             (post-method) next-token logits at each step; else None.
         stats: per-method telemetry, keyed by method name.
         prompt_lengths: number of prompt tokens per sample (padding excluded).
+        sequence_scores: with ``num_beams > 1``, per prompt the beam score of the returned
+            hypothesis (sum of log-probabilities / length ** length_penalty); else None.
     """
 
     texts: list[str]
@@ -55,6 +64,7 @@ class GenerationOutput:
     scores: list[torch.Tensor] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_lengths: list[int] = field(default_factory=list)
+    sequence_scores: list[float] | None = None
 
 
 def _open_image(img):
@@ -225,6 +235,9 @@ def generate(
     return_scores: bool = False,
     apply_chat_template: bool = True,
     backend: str = "auto",
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
 ) -> GenerationOutput:
     """Generate answers for a batch of (image, prompt) pairs with methods attached.
 
@@ -243,6 +256,13 @@ def generate(
         return_scores: also return the per-step logits used to pick each token.
         backend: attention backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else
             ``"triton"`` on CUDA, ``"reference"`` elsewhere), ``"reference"`` or ``"triton"``.
+        num_beams: beams per sample (1: greedy or sampling). Beam search is deterministic
+            (``do_sample=False``) and follows transformers' ``generate(num_beams=...)``;
+            every method works with it (beams are rows, see :mod:`vlmfix.beam`).
+        length_penalty: beam search: finished scores are divided by ``length ** length_penalty``.
+        early_stopping: beam search: ``True`` stops a sample at ``num_beams`` finished
+            hypotheses; ``False`` (default) when the best running beam cannot win any more;
+            ``"never"``: the canonical bound with the maximum length.
 
     Returns:
         A :class:`GenerationOutput`.
@@ -259,6 +279,12 @@ def generate(
         raise ConfigError(f"top_p={top_p} must be in (0, 1]")
     if top_k < 0:
         raise ConfigError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
+    if num_beams < 1:
+        raise ConfigError(f"num_beams={num_beams} must be >= 1 (1 disables beam search)")
+    if num_beams > 1 and do_sample:
+        raise ConfigError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass do_sample=False")
+    if early_stopping not in (True, False, "never"):
+        raise ConfigError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -269,9 +295,10 @@ def generate(
 
     with attach(model, *methods, backend=backend) as handle:
         branches = [(m, spec) for m in handle.methods for spec in m.branches()]
+        B = len(prompts)
         # probe-only rows come last: they leave the batch after the probe forward
         branches = [b for b in branches if not b[1].probe_only] + [b for b in branches if b[1].probe_only]
-        rows = RowMap(len(prompts), tuple((m.name, spec.name) for m, spec in branches if not spec.probe_only))
+        rows = RowMap(B * num_beams, tuple((m.name, spec.name) for m, spec in branches if not spec.probe_only))
         inputs = prepare_rows(
             processor,
             images,
@@ -282,6 +309,14 @@ def generate(
             device=device,
             dtype=dtype,
         )
+        prompt_lengths = inputs["attention_mask"][:B].sum(-1).tolist()
+        beam = None
+        if num_beams > 1:
+            inputs = _repeat_rows(inputs, 1 + len(branches), B, num_beams)
+            eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+            beam = BeamSearch(
+                B, num_beams, max_new_tokens, eos_t, pad_id, length_penalty, early_stopping, device, return_scores
+            )
         handle.controller.rows = rows
         handle.controller.decode_capacity = max_new_tokens
         try:
@@ -299,6 +334,7 @@ def generate(
                 pick=lambda logits: sample_next(
                     logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
                 ),
+                beam=beam,
             )
         finally:
             handle.controller.rows = None
@@ -322,8 +358,27 @@ def generate(
         token_ids=token_ids,
         scores=per_sample_scores,
         stats=stats,
-        prompt_lengths=inputs["attention_mask"][: len(prompts)].sum(-1).tolist(),
+        prompt_lengths=prompt_lengths,
+        sequence_scores=beam.best()[1].tolist() if beam is not None else None,
     )
+
+
+def _repeat_rows(inputs, groups: int, batch: int, num_beams: int):
+    """Give every row ``num_beams`` consecutive copies, within each row group.
+
+    Rows are ``groups`` blocks of ``batch`` rows (main, then each branch); images are in
+    row order, at most one per row. Both become beam-major within their sample, as the
+    rows of :class:`~vlmfix.branches.RowMap` with ``num_samples = batch * num_beams``.
+    """
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            # row tensors and per-image tensors alike: each entry belongs to one row
+            value = value.repeat_interleave(num_beams, dim=0)
+        out[key] = value
+    if out["input_ids"].shape[0] != groups * batch * num_beams:
+        raise DataError(f"internal: expected {groups * batch} rows, got {inputs['input_ids'].shape[0]}")
+    return out
 
 
 def _main_rows(inputs, n: int) -> dict[str, Any]:
@@ -351,8 +406,13 @@ def _embeds_hook(rows: RowMap, edits: list[tuple[int, BranchSpec]], prompt_lengt
     return hook
 
 
-def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, pad_id, use_cache, return_scores, pick):
-    """Prefill then decode every row; returns the main rows' ``(tokens[B, T], scores[B, T, V] or None)``."""
+def _decode_loop(
+    model, handle, inputs, *, rows, branches, max_new_tokens, eos, pad_id, use_cache, return_scores, pick, beam=None
+):
+    """Prefill then decode every row; returns the answers' ``(tokens[B, T], scores[B, T, V] or None)``.
+
+    With ``beam`` (a :class:`~vlmfix.beam.BeamSearch`) the main rows are the beams and the
+    answer of each sample is its best finished hypothesis."""
     from dataclasses import replace
 
     from transformers import DynamicCache
@@ -426,6 +486,21 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
                 logits = m.process_logits(step, logits)
             if return_scores:
                 all_scores.append(logits)
+            if beam is not None:
+                penalty = None
+                for m in handle.methods:
+                    p = m.beam_penalty(step)
+                    if p is not None:
+                        penalty = p if penalty is None else penalty + p
+                nxt, source = beam.step(step, logits, penalty)
+                index = (source[None, :] + torch.arange(copies, device=dev)[:, None] * B).reshape(-1)
+                _reorder_rows(handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
+                seq_ids[:, n] = nxt.repeat(copies)
+                seq_pos[:, n] = seq_pos[:, n - 1] + 1
+                steps = step + 1
+                if finished.update(beam.stopped):
+                    break
+                continue
             nxt = pick(logits)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             generated[:, step] = nxt
@@ -441,9 +516,29 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
     finally:
         if hook is not None:
             hook.remove()
+    if beam is not None:
+        tokens = beam.best()[0][:, :steps]
+        scores = None
+        if return_scores:
+            # the logits row that chose each answer token: beam `path` of sample b at step t
+            path = beam.best_path()[:, :steps]  # [S, T]
+            per_step = torch.stack(all_scores, dim=1).view(beam.B, beam.n, steps, -1)
+            scores = torch.take_along_dim(per_step, path[:, None, :, None], dim=1)[:, 0]
+        return tokens, scores
     tokens = generated[:, :steps]
     scores = torch.stack(all_scores, dim=1) if return_scores else None
     return tokens, scores
+
+
+def _reorder_rows(handle, cache, index: torch.Tensor, buffers, n: int) -> None:
+    """Let row ``r`` continue old row ``index[r]``: the KV cache, the sequence buffers'
+    first ``n`` columns and the attached methods' per-row state (beam search)."""
+    if cache is not None:
+        _compat.reorder_cache(cache, index)
+    for buf in buffers:
+        buf[:, :n] = buf[index, :n]
+    for m in handle.methods:
+        m.reorder_rows(index)
 
 
 class _AllDone:

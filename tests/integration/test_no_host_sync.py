@@ -33,6 +33,8 @@ METHODS = {
     "vhr_forward": lambda: [vlmfix.VHR()],
     "vhr_one_pass": lambda: [vlmfix.VHR(mode="one_pass")],
     "paint": lambda: [vlmfix.PAINT()],
+    "only": lambda: [vlmfix.ONLY()],
+    "helpd": lambda: [vlmfix.HELPD(early=1)],
     "all": lambda: [vlmfix.PAI(), vlmfix.VAR(tau=SINK_TAU), vlmfix.VHR(), vlmfix.PAINT()],
 }
 
@@ -73,6 +75,7 @@ class SyncCounter:
         ]
 
 
+@pytest.mark.filterwarnings("ignore:.*only inside vlmfix.generate")  # ONLY/HELPD under stock generate
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_no_host_sync_in_decode_steps(monkeypatch, family, name):
@@ -107,3 +110,42 @@ def test_the_counter_sees_a_sync(monkeypatch):
     namespace["f"](torch.ones(3))
     counter.on = False
     assert len(counter.calls) == 1 and counter.calls[0].startswith("__float__ from fake_module.py")
+
+
+@pytest.mark.parametrize("name", ["var", "only", "helpd"])
+def test_no_host_sync_in_beam_search_steps(monkeypatch, name):
+    """Beam bookkeeping (``BeamSearch.step``) and the methods' ``reorder_rows`` run between
+    decode forwards and stay on the device too."""
+    from vlmfix.beam import BeamSearch
+
+    model, processor = tiny("llava")
+    counter = SyncCounter(monkeypatch)
+    hooks = counter.watch_decode(model)
+    calls = []
+
+    def watched(cls, attr):
+        original = getattr(cls, attr)
+
+        def wrapper(*args, **kwargs):
+            calls.append(attr)
+            counter.on = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.on = False
+
+        monkeypatch.setattr(cls, attr, wrapper)
+
+    watched(BeamSearch, "step")
+    for cfg in METHODS[name]():
+        watched(type(cfg.build()), "reorder_rows")
+        watched(type(cfg.build()), "beam_penalty")
+    try:
+        vlmfix.generate(
+            model, processor, make_images(2), PROMPTS[:2], methods=METHODS[name](), max_new_tokens=STEPS, num_beams=3
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls.count("step") == STEPS and calls.count("reorder_rows") == STEPS == calls.count("beam_penalty")
+    assert counter.calls == [], counter.calls

@@ -184,12 +184,15 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
 
 
 # Built-in methods register themselves on import.
+from vlmfix.methods import agla as _agla  # noqa: E402,F401
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
 from vlmfix.methods import deco as _deco  # noqa: E402,F401
+from vlmfix.methods import helpd as _helpd  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
 from vlmfix.methods import lol as _lol  # noqa: E402,F401
 from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
+from vlmfix.methods import only as _only  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
 from vlmfix.methods import paint as _paint  # noqa: E402,F401

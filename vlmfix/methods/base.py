@@ -227,6 +227,20 @@ class Method:
         """Edit next-token logits ``[B, V]`` (fp32) at generation step ``step``."""
         return logits
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Beam search moved the rows of the running batch: row ``r`` now continues old row
+        ``index[r]`` (long ``[num_rows]``, an index with repeats within each sample's
+        rows). Gather any per-row state that differs between the beams of a sample (e.g.
+        flags of generated positions); state fixed at the prefill is the same for every beam
+        of a sample and needs nothing. Called between decode steps; pure tensor code."""
+
+    def beam_penalty(self, step: int) -> torch.Tensor | None:
+        """Beam search only: fp32 ``[num_main_rows]``, a penalty per running beam, subtracted
+        from the accumulated score of every continuation of that beam at step ``step``
+        (OPERA / HELPD-style over-trust penalties). None: no penalty. Greedy and sampled
+        decoding do not call it (a per-row constant changes no row's choice)."""
+        return None
+
     def branches(self) -> tuple[BranchSpec, ...]:
         """Contrast branches this method needs inside :func:`vlmfix.generate` (one extra
         row per sample each). Called once per ``generate`` call, before tokenisation."""

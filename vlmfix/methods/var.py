@@ -235,6 +235,13 @@ class VARRuntime(Method):
         k = min(self.config.num_dims, h.shape[-1])
         return bos.abs().topk(k, dim=-1).indices
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        # sink flags of generated positions follow their beam (prompt flags are equal anyway)
+        for state in self.handle.controller.state.values():
+            for key in ("var_sink", "var_dims"):
+                if key in state:
+                    state[key] = state[key].index_select(0, index.to(state[key].device))
+
     # ------------------------------------------------------------------ attention
     def contribute(self, call, plan) -> None:
         if call.layer_idx not in self.layers:
