@@ -34,11 +34,18 @@ _LAZY = {
     "M3ID": ("vlmfix.methods.m3id", "M3ID"),
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
+    "FastV": ("vlmfix.methods.fastv", "FastV"),
+    "PyramidDrop": ("vlmfix.methods.pdrop", "PyramidDrop"),
+    "TokenExit": ("vlmfix.methods.token_exit", "TokenExit"),
+    "RandomPrune": ("vlmfix.methods.random_prune", "RandomPrune"),
+    "VisionZip": ("vlmfix.methods.visionzip", "VisionZip"),
+    "TokenMerge": ("vlmfix.methods.token_merge", "TokenMerge"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
+__all__ += ["FastV", "PyramidDrop", "TokenExit", "RandomPrune", "VisionZip", "TokenMerge"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -47,6 +54,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.loading import load
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
+    from vlmfix.methods.fastv import FastV
+    from vlmfix.methods.pdrop import PyramidDrop
+    from vlmfix.methods.random_prune import RandomPrune
+    from vlmfix.methods.token_exit import TokenExit
+    from vlmfix.methods.token_merge import TokenMerge
+    from vlmfix.methods.visionzip import VisionZip
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI

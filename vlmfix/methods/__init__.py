@@ -123,6 +123,7 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
 # Built-in methods register themselves on import.
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
+from vlmfix.methods import fastv as _fastv  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
 from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
