@@ -55,19 +55,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.fastv import FastV
-    from vlmfix.methods.pdrop import PyramidDrop
-    from vlmfix.methods.random_prune import RandomPrune
-    from vlmfix.methods.token_exit import TokenExit
-    from vlmfix.methods.token_merge import TokenMerge
-    from vlmfix.methods.visionzip import VisionZip
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT
+    from vlmfix.methods.pdrop import PyramidDrop
+    from vlmfix.methods.random_prune import RandomPrune
+    from vlmfix.methods.token_exit import TokenExit
+    from vlmfix.methods.token_merge import TokenMerge
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
+    from vlmfix.methods.visionzip import VisionZip
 
 
 def __getattr__(name: str) -> Any:

@@ -129,6 +129,9 @@ from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
 from vlmfix.methods import paint as _paint  # noqa: E402,F401
+from vlmfix.methods import pdrop as _pdrop  # noqa: E402,F401
+from vlmfix.methods import random_prune as _random_prune  # noqa: E402,F401
+from vlmfix.methods import token_exit as _token_exit  # noqa: E402,F401
 from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401

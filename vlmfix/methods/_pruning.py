@@ -254,7 +254,9 @@ class PruningRuntime(Method):
         if layout.length != T:
             from vlmfix.errors import LayoutMismatchError
 
-            raise LayoutMismatchError(f"{self.name}: layer {idx} receives {T} rows but its token map holds {layout.length}")
+            raise LayoutMismatchError(
+                f"{self.name}: layer {idx} receives {T} rows but its token map holds {layout.length}"
+            )
         prev = self._fwd.get("cur")
         if prev is None:
             self._fwd["full"] = hidden
@@ -262,7 +264,9 @@ class PruningRuntime(Method):
             # rows dropped at this stage keep the value they had on entering it
             full = self._fwd["full"]
             rows = _rows(prev["idx"], full)
-            self._fwd["full"] = full.scatter(1, rows, torch.where(prev["filler"][..., None], full.gather(1, rows), hidden))
+            self._fwd["full"] = full.scatter(
+                1, rows, torch.where(prev["filler"][..., None], full.gather(1, rows), hidden)
+            )
         full = self._fwd["full"]
         if self.tracker.new_sequence:
             if stage == 0:
@@ -375,7 +379,9 @@ def top_keep(scores: torch.Tensor, ranked: torch.Tensor, budget: list[int]) -> t
     broken by position, earlier first)."""
     masked = torch.where(ranked, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     k = torch.as_tensor(budget, device=scores.device)[:, None]
     return (rank < k) & ranked
 
