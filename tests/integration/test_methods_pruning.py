@@ -173,6 +173,7 @@ def newline_flags(model, inputs):
     """Per sample, which prompt indices hold the learned ``image_newline`` vector."""
     with torch.no_grad():
         captured = {}
+
         def grab(module, args, kwargs):
             captured["e"] = kwargs["inputs_embeds"]
 
@@ -445,6 +446,10 @@ def test_detach_restores_the_model_bit_for_bit():
         (lambda: vlmfix.PyramidDrop(keep=(0.5,)), "keep"),
         (lambda: vlmfix.RandomPrune(layer=-1), "layer"),
         (lambda: vlmfix.TokenExit(layer=-2), "layer"),
+        (lambda: vlmfix.VisionZip(dominant=-1), "dominant"),
+        (lambda: vlmfix.VisionZip(per_tokens=0), "per_tokens"),
+        (lambda: vlmfix.TokenMerge(ratio=1.0), "ratio"),
+        (lambda: vlmfix.TokenMerge(newlines="rank"), "newlines"),
     ],
 )
 def test_invalid_configs_name_the_field(make, field):
@@ -461,10 +466,190 @@ def test_layer_outside_the_model_is_refused_at_attach():
     assert active_handle(model) is None
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "token_exit", "random_prune"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "token_exit", "random_prune", "visionzip", "token_merge"])
 def test_yaml_presets_hold_paper_defaults(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "configs" / "methods" / f"{name}.yaml"
     (cfg,) = vlmfix.methods.from_yaml(path)
     assert cfg == vlmfix.methods.get(name)()
+
+
+# --------------------------------------------------------------------------- pre-LM methods
+def _lm_inputs(model, inputs):
+    """The LM input embeddings of a batch (image features in place), from the stock model."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["e"] = kwargs["inputs_embeds"]
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return captured["e"]
+
+
+def _parts(model, ids_row, embeds_row):
+    """Per prompt index: 'text', 'base', 'grid' or 'newline' (written from the model's config)."""
+    vcfg = model.config.vision_config
+    base = (vcfg.image_size // vcfg.patch_size) ** 2
+    nl = getattr(model.model, "image_newline", None)
+    out, seen = [], 0
+    for j, t in enumerate(ids_row.tolist()):
+        if t != model.config.image_token_id:
+            out.append("text")
+            seen = 0
+            continue
+        if nl is not None and bool((embeds_row[j] == nl.to(embeds_row.dtype)).all()):
+            out.append("newline")
+        else:
+            out.append("base" if seen < base else "grid")
+        seen += 1
+    return out
+
+
+def naive_visionzip(model, inputs, embeds, dominant, contextual, per, vit):
+    """Per sample: the kept prompt indices and their (merged) embeddings."""
+    out = []
+    for b in range(embeds.shape[0]):
+        ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b]
+        img = [j for j in range(len(ids)) if int(ids[j]) == model.config.image_token_id]
+        n = len(img)
+        d = min(n, int(round(dominant * n / per)))
+        c = min(n - d, int(round(contextual * n / per)))
+        if vit is not None:
+            score = dict(zip(img, vit[b].tolist()))
+        else:
+            score = {j: float(embeds[b, j].float().norm()) for j in img}
+        dom = sorted(img, key=lambda j: (-score[j], j))[:d]
+        rest = [j for j in img if j not in dom]
+        targets = [rest[(i * len(rest)) // c] for i in range(c)] if c else []
+        members = {t: [t] for t in targets}
+        for j in rest:
+            if j in members or not targets:
+                continue
+            sims = [
+                float(torch.nn.functional.cosine_similarity(embeds[b, j].float(), embeds[b, t].float(), 0))
+                for t in targets
+            ]
+            members[targets[max(range(len(sims)), key=lambda i: (sims[i], -i))]].append(j)
+        row = embeds[b].clone()
+        for t, group in members.items():
+            row[t] = torch.stack([embeds[b, g].float() for g in group]).mean(0).to(row.dtype)
+        keep = [j for j in range(len(ids)) if mask[j] and (j not in img or j in dom or j in members)]
+        out.append((keep, row))
+    return out
+
+
+def naive_merge(model, inputs, embeds, ratio):
+    out = []
+    for b in range(embeds.shape[0]):
+        ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b]
+        parts = _parts(model, ids, embeds[b])
+        ok = [p in ("base", "grid") for p in parts]
+        n = sum(ok)
+        pairs = []
+        for j in range(1, len(ids)):
+            if ok[j] and ok[j - 1] and parts[j] == parts[j - 1]:
+                sim = float(torch.nn.functional.cosine_similarity(embeds[b, j].float(), embeds[b, j - 1].float(), 0))
+                pairs.append((-sim, j))
+        join = {j for _, j in sorted(pairs)[: int(round(ratio * n))]}
+        row, keep, head = embeds[b].clone(), [], None
+        groups = {}
+        for j in range(len(ids)):
+            if j not in join:
+                head = j
+                if mask[j]:
+                    keep.append(j)
+            groups.setdefault(head, []).append(j)
+        for h, g in groups.items():
+            row[h] = torch.stack([embeds[b, i].float() for i in g]).mean(0).to(row.dtype)
+        out.append((keep, row))
+    return out
+
+
+def naive_lm_generate(model, inputs, selections):
+    """Per sample, greedy decoding of the LM over only the kept (merged) embeddings at their
+    original positions, with no cache: every step re-runs the whole reduced sequence."""
+    tokens, logits = [], []
+    pos_all = _positions(inputs)
+    embed = model.get_input_embeddings()
+    for b, (keep, row) in enumerate(selections):
+        e = row[keep][None]
+        pos = [pos_all[b][j] for j in keep]
+        toks, lg = [], []
+        with torch.no_grad():
+            for _ in range(STEPS):
+                h = model.model.language_model(inputs_embeds=e, position_ids=torch.tensor([pos])).last_hidden_state
+                step = model.lm_head(h[:, -1]).float()[0]
+                nxt = int(step.argmax())
+                toks.append(nxt)
+                lg.append(step)
+                e = torch.cat([e, embed(torch.tensor([[nxt]]))], 1)
+                pos.append(pos[-1] + 1)
+        tokens.append(toks)
+        logits.append(torch.stack(lg))
+    return tokens, logits
+
+
+def _vit_cls(model, inputs):
+    """The test's own [CLS] row at the penultimate ViT layer (head mean, patches only)."""
+    ref = Ref(model, inputs)
+    from test_methods_attention import install_vit_hooks
+
+    hooks = install_vit_hooks(model, ref, cls=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref.vit["penultimate"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("method", ["visionzip", "token_merge"])
+def test_pre_lm_methods_match_a_reduced_sequence_reference(family, method):
+    """VisionZip (CLS tower: llava; no CLS, norm: OneVision) and adjacent merging against an
+    explicit LM pass over the reduced, merged embeddings, sample by sample."""
+    model, processor, images, prompts, inputs = _batch(family, 3)
+    embeds = _lm_inputs(model, inputs)
+    if method == "visionzip":
+        cfg = vlmfix.VisionZip(dominant=6, contextual=2, per_tokens=16)
+        vit = _vit_cls(model, inputs) if family == "llava" else None
+        selections = naive_visionzip(model, inputs, embeds, 6, 2, 16, vit)
+    else:
+        cfg = vlmfix.TokenMerge(ratio=0.5)
+        selections = naive_merge(model, inputs, embeds, 0.5)
+    ref_tokens, ref_logits = naive_lm_generate(model, inputs, selections)
+    out = vlmfix.generate(model, processor, images, prompts, methods=[cfg], max_new_tokens=STEPS, return_scores=True)
+    for i, ids in enumerate(out.token_ids):
+        assert ids == ref_tokens[i][: len(ids)]
+        torch.testing.assert_close(out.scores[i], ref_logits[i][: len(ids)], atol=1e-4, rtol=1e-4)
+    kept = sum(
+        1
+        for b, (keep, _) in enumerate(selections)
+        for j in keep
+        if int(inputs["input_ids"][b, j]) == model.config.image_token_id
+    )
+    assert out.stats[cfg.name]["image_tokens_kept_per_layer"]["0"] == kept < out.stats[cfg.name]["image_tokens"]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "token_merge"])
+def test_pre_lm_methods_on_anyres_batch_equal_per_sample_and_cache_off(method):
+    model, processor, images, prompts, _ = _batch("llava_next", 3)
+    make = {
+        "visionzip": lambda: vlmfix.VisionZip(dominant=6, contextual=2, per_tokens=16),
+        "token_merge": vlmfix.TokenMerge,
+    }[method]
+    kw = dict(max_new_tokens=STEPS, return_scores=True)
+    on = vlmfix.generate(model, processor, images, prompts, methods=[make()], **kw)
+    off = vlmfix.generate(model, processor, images, prompts, methods=[make()], use_cache=False, **kw)
+    for i in range(3):
+        one = vlmfix.generate(model, processor, images[i : i + 1], prompts[i : i + 1], methods=[make()], **kw)
+        assert on.token_ids[i] == off.token_ids[i] == one.token_ids[0]
+        torch.testing.assert_close(on.scores[i], off.scores[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(on.scores[i], one.scores[0], atol=1e-5, rtol=1e-5)

@@ -132,6 +132,8 @@ from vlmfix.methods import paint as _paint  # noqa: E402,F401
 from vlmfix.methods import pdrop as _pdrop  # noqa: E402,F401
 from vlmfix.methods import random_prune as _random_prune  # noqa: E402,F401
 from vlmfix.methods import token_exit as _token_exit  # noqa: E402,F401
+from vlmfix.methods import token_merge as _token_merge  # noqa: E402,F401
 from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
+from vlmfix.methods import visionzip as _visionzip  # noqa: E402,F401
