@@ -457,6 +457,15 @@ def test_invalid_configs_name_the_field(make, field):
         make()
 
 
+def test_paint_with_pruning_is_refused_at_attach():
+    model, *_ = _batch("llava", 1)
+    with pytest.raises(ConfigError, match="paint"):
+        vlmfix.attach(model, vlmfix.FastV(), vlmfix.PAINT())
+    from vlmfix.attachment import active_handle
+
+    assert active_handle(model) is None
+
+
 def test_layer_outside_the_model_is_refused_at_attach():
     model, *_ = _batch("llava", 1)
     with pytest.raises(ConfigError, match="outside this model's 4 decoder layers"):

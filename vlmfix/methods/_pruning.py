@@ -119,6 +119,15 @@ class PruningRuntime(Method):
                     f"pass a layer in [0, {n})"
                 )
         self.stages = sorted(self.stages, key=lambda s: s.layer)
+        if any(m.name == "paint" for m in handle.methods):
+            from vlmfix.errors import ConfigError
+
+            # PAINT classifies the image tokens once per sequence from one token map; it
+            # does not follow the per-layer maps of pruned layers yet.
+            raise ConfigError(
+                f"{self.name} cannot be combined with paint yet (PAINT's token classes do not follow pruned "
+                "layers); use pai or var with pruning, or paint alone"
+            )
         layers = handle.adapter.decoder_layers(handle.model)
         first = self.stages[0].layer
         for idx in range(first, n):
