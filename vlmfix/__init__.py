@@ -40,12 +40,17 @@ _LAZY = {
     "RandomPrune": ("vlmfix.methods.random_prune", "RandomPrune"),
     "VisionZip": ("vlmfix.methods.visionzip", "VisionZip"),
     "TokenMerge": ("vlmfix.methods.token_merge", "TokenMerge"),
+    "DeCo": ("vlmfix.methods.deco", "DeCo"),
+    "VISTA": ("vlmfix.methods.vista", "VISTA"),
+    "LOL": ("vlmfix.methods.lol", "LOL"),
+    "RBD": ("vlmfix.methods.rbd", "RBD"),
 }
 
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
 __all__ += ["FastV", "PyramidDrop", "TokenExit", "RandomPrune", "VisionZip", "TokenMerge"]
+__all__ += ["DeCo", "VISTA", "LOL", "RBD"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmfix import methods
@@ -55,7 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.fastv import FastV
+    from vlmfix.methods.deco import DeCo
     from vlmfix.methods.icd import ICD
+    from vlmfix.methods.lol import LOL
     from vlmfix.methods.m3id import M3ID
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
@@ -68,6 +75,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
     from vlmfix.methods.visionzip import VisionZip
+    from vlmfix.methods.rbd import RBD
+    from vlmfix.methods.var import VAR
+    from vlmfix.methods.vcd import VCD
+    from vlmfix.methods.vhr import VHR, vhd
+    from vlmfix.methods.vista import VISTA
 
 
 def __getattr__(name: str) -> Any:

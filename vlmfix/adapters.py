@@ -30,6 +30,8 @@ class Adapter:
         lm_head: path of the output projection.
         vision_tower: path of the vision encoder.
         embed_tokens: path of the LM's input embedding.
+        final_norm: path of the LM's final norm (applied before ``lm_head``).
+        layer_mlp: path of the MLP inside one decoder layer (relative to the layer).
         image_newline: path of the learned newline embedding (any-res families), or None.
         grid: how image tokens are arranged: ``"single"`` (one base grid),
             ``"anyres"`` (LLaVA-NeXT: base grid + unpadded any-res grid with a newline
@@ -45,6 +47,8 @@ class Adapter:
     lm_head: str = "lm_head"
     vision_tower: str = "model.vision_tower"
     embed_tokens: str = "model.language_model.embed_tokens"
+    final_norm: str = "model.language_model.norm"
+    layer_mlp: str = "mlp"
     image_newline: str | None = None
     grid: str = "single"
     extra: dict = field(default_factory=dict)

@@ -57,7 +57,7 @@ class AttachHandle:
         controller: the :class:`~vlmfix.attention.Controller` shared with the attention function.
     """
 
-    def __init__(self, model, configs: list[MethodConfig], backend: str = "reference"):
+    def __init__(self, model, configs: list[MethodConfig], backend: str = "auto"):
         for cfg in configs:
             if not isinstance(cfg, MethodConfig):
                 raise ConfigError(
@@ -118,6 +118,8 @@ class AttachHandle:
             h.remove()
         self._hooks.clear()
         attention.unbind(self._modules)
+        if attention._IN_FLIGHT.get("controller") is self.controller:
+            attention.set_in_flight(None)
         self._restore_attn()
         attention.unregister()
         if _ACTIVE.get(self.model) is self:
@@ -193,6 +195,7 @@ class AttachHandle:
             ctrl.begin_forward(is_prefill=False)
         for m in self.methods:
             m.on_forward(self, kwargs)
+        attention.set_in_flight(ctrl)
         return None
 
     def _pre_lm_forward(self, module, args, kwargs):
@@ -220,7 +223,7 @@ class AttachHandle:
         return out
 
 
-def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "reference") -> AttachHandle:
+def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "auto") -> AttachHandle:
     """Attach methods to a model for the duration of a ``with`` block (or until ``remove()``).
 
     While attached, plain ``model(...)`` and ``model.generate(...)`` calls see the methods.
@@ -228,7 +231,9 @@ def attach(model: torch.nn.Module, *methods: MethodConfig, backend: str = "refer
     Args:
         model: a supported LLaVA-family model (see :func:`vlmfix.load`).
         *methods: method configs, e.g. ``vlmfix.methods.get("baseline")()``.
-        backend: ``"reference"`` (pure torch) or ``"triton"`` (CUDA kernels).
+        backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else ``"triton"`` on
+            CUDA where the kernels run, ``"reference"`` elsewhere), ``"reference"`` (pure
+            torch, any device) or ``"triton"`` (fused kernels; an error where they cannot run).
 
     Returns:
         An :class:`AttachHandle`; ``remove()`` restores the model bit-for-bit.

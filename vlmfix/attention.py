@@ -14,6 +14,7 @@ the last detach, and a name that someone else registered is never touched.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,11 +34,14 @@ __all__ = ["ATTN_NAME", "AttentionCall", "Controller", "vlmfix_attention", "vlmf
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "vlmfix"
-BACKENDS = ("reference", "triton")
+BACKENDS = ("auto", "reference", "triton")
+BACKEND_ENV = "VLMFIX_BACKEND"
 
 # attention module -> controller of the model it belongs to (weak: no leaks).
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _REGISTRATION = {"count": 0, "owned": False}
+# The controller whose attached model forward is running (see set_in_flight).
+_IN_FLIGHT: dict[str, Controller | None] = {"controller": None}
 
 
 @dataclass
@@ -97,22 +101,18 @@ class Controller:
         edited_forwards: per method, how many prefill and decode forwards it edited.
     """
 
-    def __init__(self, model, adapter, methods, backend: str = "reference"):
-        if backend not in BACKENDS:
-            from vlmfix.errors import ConfigError
+    def __init__(self, model, adapter, methods, backend: str = "auto"):
+        device = next(model.parameters()).device
+        self.backend = resolve_backend(backend, device)
+        if self.backend == "triton":
+            from vlmfix.kernels import triton_backend
 
-            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
-        if backend == "triton":
-            from vlmfix.errors import ConfigError
-
-            raise ConfigError(
-                "backend='triton' is not available in this version of vlmfix (its kernels are not "
-                "implemented yet); use backend='reference'"
-            )
+            self._execute, self._row_stats = triton_backend.execute, triton_backend.row_stats
+        else:
+            self._execute, self._row_stats = reference.execute, _reference_row_stats
         self.model = model
         self.adapter = adapter
         self.methods = list(methods)
-        self.backend = backend
         self.layout: Layout | None = None
         self.state: dict[int, dict[str, Any]] = {}
         self.is_prefill = False
@@ -220,6 +220,7 @@ class Controller:
             k_pos=positions,
             plain_causal=mask is None,
             mask=mask,
+            custom_mask=self.custom_mask,
         )
         call = AttentionCall(
             layer_idx=layer_idx,
@@ -237,15 +238,14 @@ class Controller:
         )
         if any(m.wants_row_stats(call) for m in methods):
             plan.want_row_stats = True
-            vis_row = mask[:, 0, -1] if mask is not None else layout.labels != reference.PAD
-            call.row_stats = reference.row_stats(query, key, value, vis_row, layout.labels, scaling)
+            call.row_stats = self._row_stats(query, key, value, plan, scaling)
         for m in methods:
             before = (plan.score_coef, plan.reweight, plan.head_scale)
             m.contribute(call, plan)
             if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
         plan.want_row_stats = False  # already computed above
-        out, result = reference.execute(query, key, value, plan, scaling)
+        out, result = self._execute(query, key, value, plan, scaling)
         result.row_stats = call.row_stats
         for m in methods:
             m.observe(call, plan, result)
@@ -268,6 +268,39 @@ class Controller:
         phase = "prefill" if self.is_prefill else "decode"
         counts = self.edited_forwards.setdefault(method.name, {"prefill": 0, "decode": 0})
         counts[phase] += 1
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The attention backend to use on ``device``: ``"reference"`` or ``"triton"``.
+
+    ``backend="auto"`` (the default) takes ``$VLMFIX_BACKEND`` when set, else ``"triton"`` on
+    a CUDA device where the kernels can run and ``"reference"`` elsewhere. A forced
+    ``"triton"`` that cannot run raises :class:`~vlmfix.errors.BackendUnavailableError`.
+    """
+    from vlmfix.errors import ConfigError
+
+    chosen = backend
+    if backend == "auto":
+        chosen = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+        source = f"${BACKEND_ENV}={chosen!r}"
+    else:
+        source = f"backend={backend!r}"
+    if chosen not in BACKENDS:
+        raise ConfigError(f"{source} is not one of {BACKENDS}")
+    from vlmfix.kernels import dispatch
+
+    device = torch.device(device)
+    if chosen == "auto":
+        return "triton" if device.type == "cuda" and dispatch.available(device) else "reference"
+    if chosen == "triton":
+        dispatch.require(device)
+    return chosen
+
+
+def _reference_row_stats(query, key, value, plan, scaling):
+    mask = plan.mask
+    vis_row = mask[:, 0, -1] if mask is not None else plan.labels != reference.PAD
+    return reference.row_stats(query, key, value, vis_row, plan.labels, scaling)
 
 
 def _overrides(obj, name: str) -> bool:
@@ -323,10 +356,21 @@ def vlmfix_attention(
     return controller.attend(module, query, key, value, attention_mask, scaling)
 
 
+def set_in_flight(controller: Controller | None) -> None:
+    """Record the controller whose model forward is running (set by attach's pre-hook)."""
+    _IN_FLIGHT["controller"] = controller
+
+
 def vlmfix_mask(*args, **kwargs):
-    """The mask function registered as ``"vlmfix"``: transformers' boolean sdpa mask,
-    always materialised (never skipped in favour of ``is_causal``), so the attention
-    function always knows exactly which keys each query may see."""
+    """The mask function registered as ``"vlmfix"``.
+
+    While an attached forward has a layout, the attention function builds masks from token
+    positions itself, so no mask is materialised here (``None``). Otherwise this is
+    transformers' boolean sdpa mask, always materialised (never skipped in favour of
+    ``is_causal``), so the attention function knows exactly which keys each query sees."""
+    ctrl = _IN_FLIGHT.get("controller")
+    if ctrl is not None and ctrl.layout is not None and not ctrl.custom_mask:
+        return None
     return _compat.sdpa_bool_mask(*args, **kwargs)
 
 

@@ -49,6 +49,11 @@ class BranchSpec:
         probe: run one forward of the main rows alone before the prefill, so that the
             method can measure something (e.g. attention) that its ``embeds`` edit needs.
             ``controller.rows.probing`` is True during that forward.
+        probe_only: the branch's rows take part in the probe forward only (with the main
+            rows, after them), not in the prefill or the decode steps, and no logits of
+            theirs reach :meth:`~vlmfix.methods.Method.combine`. For measurements that
+            compare the main input with another input once per sequence (e.g. VISTA's
+            image-free prompt). Must be image-free (``with_image=False``).
     """
 
     name: str
@@ -57,6 +62,16 @@ class BranchSpec:
     pixels: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     embeds: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     probe: bool = False
+    probe_only: bool = False
+
+    def __post_init__(self):
+        if self.probe_only and (self.with_image or self.pixels is not None or self.embeds is not None):
+            from vlmfix.errors import ConfigError
+
+            raise ConfigError(
+                f"branch {self.name!r}: probe_only rows must be image-free and unedited; pass with_image=False "
+                "and no pixels / embeds"
+            )
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,9 @@ class RowMap:
     """Which sample and branch each row of the running batch belongs to.
 
     Rows are grouped by branch: rows ``[0, B)`` are the main rows, rows
-    ``[(k+1)B, (k+2)B)`` are branch ``k`` (in :attr:`branches` order).
+    ``[(k+1)B, (k+2)B)`` are branch ``k`` (in :attr:`branches` order). During the probe
+    forward :attr:`branches` lists the ``probe_only`` branches, whose rows follow the
+    main rows in the same way.
 
     Attributes:
         num_samples: ``B``, the number of prompts.

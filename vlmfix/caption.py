@@ -2,8 +2,12 @@
 
 Each image becomes one JSON line in the output file, written as soon as its batch is
 done. Bad files (corrupt, truncated, not an image, decompression bombs) become error
-records and the run goes on. ``--resume`` skips every path already in the file, so an
-interrupted run (Ctrl-C, kill) continues without duplicating or dropping images.
+records and the run goes on. ``--resume`` skips every image already captioned in the
+file (matched by resolved path, so ``./a.png`` and ``/abs/a.png`` are one image), so an
+interrupted run (Ctrl-C, kill) continues without duplicating or dropping images. Error
+records are retried on resume (a repaired file gets its caption) unless
+``retry_errors=False``. Resuming under other settings (model, dtype, method configs,
+prompt, decoding) is refused, naming the setting, so one file never mixes two runs.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmfix.errors import DataError
-from vlmfix.io import JsonlWriter, done_keys, repair_jsonl
+from vlmfix.errors import ConfigError, DataError
+from vlmfix.io import JsonlWriter, drop_records, read_jsonl, repair_jsonl
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "caption_files"]
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "to_rgb", "caption_files", "method_warnings"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +32,10 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, image extensions only) into a sorted,
-    de-duplicated list. A file named explicitly is kept whatever its extension (it
-    becomes an error record if it is not an image).
+    """Expand files and folders (recursively, image extensions only) into a sorted list,
+    de-duplicated by resolved path (the user's spelling of the first mention is kept).
+    A file named explicitly is kept whatever its extension (it becomes an error record
+    if it is not an image).
 
     Raises:
         DataError: a given path does not exist.
@@ -41,40 +46,140 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    out.setdefault(str(f), f)
+                    out.setdefault(resolved(f), f)
         elif p.is_file():
-            out.setdefault(str(p), p)
+            out.setdefault(resolved(p), p)
         else:
             raise DataError(f"path {str(p)!r} does not exist; pass image files or folders")
     return list(out.values())
 
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open and fully decode an image as RGB.
+    """Open and fully decode an image as 8-bit RGB (see :func:`to_rgb` for the modes).
 
     Raises:
-        DataError: unreadable, truncated, not an image, or more than ``max_pixels`` pixels.
+        DataError: unreadable, truncated, not an image, or more than ``max_pixels``
+            pixels (the message says how to raise the limit).
     """
     from PIL import Image, UnidentifiedImageError
 
+    def too_big(pixels: str) -> DataError:
+        return DataError(
+            f"{path}: {pixels} pixels exceeds the limit of {max_pixels} (possible decompression bomb); "
+            "if the image is genuine, raise the limit: vlmfix caption --max-pixels N "
+            "(Python: vlmfix.caption.load_image(path, max_pixels=N))"
+        )
+
+    # PIL refuses images above 2 x MAX_IMAGE_PIXELS on its own; let max_pixels decide.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(int(max_pixels), 1)
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise DataError(
-                    f"{path}: {w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels} "
-                    "(possible decompression bomb); raise --max-pixels if the image is genuine"
-                )
+                raise too_big(f"{w}x{h} = {w * h}")
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except DataError:
         raise
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        import re
+
+        found = re.findall(r"\d+", str(exc))
+        raise too_big(found[0] if found else "its") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def to_rgb(im):
+    """Convert a decoded PIL image of any mode to 8-bit RGB, scaling (never clipping)
+    high-bit-depth data.
+
+    - ``I;16*`` (16-bit, e.g. 16-bit grayscale PNG): value / 257, so 65535 -> 255.
+    - ``I`` (32-bit int): taken as 16-bit data (/ 257) when any value exceeds 255,
+      else as 8-bit; negative values and values above 65535 are scaled from the
+      image's own range.
+    - ``F`` (float): values in [0, 1] are scaled by 255; in [0, 255] kept; larger
+      ranges scaled like ``I``.
+    - ``LAB``: a colorimetric CIELAB -> sRGB transform (PIL's plain ``convert`` does not
+      convert LAB colours). ``La``: its luminance band.
+    - every other mode (1, L, P, PA, LA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, HSV): PIL's
+      ``convert("RGB")``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith("I;16"):
+            a = a / 257.0
+        elif lo < 0 or hi > 65535:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        elif mode == "F" and hi <= 1.0:
+            a = a * 255.0
+        elif hi > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(im, transform)
+    if mode == "La":
+        return im.getchannel(0).convert("RGB")
+    return im.convert("RGB")
+
+
+def resolved(path: str | os.PathLike) -> str:
+    """The identity of an image in an output file: its absolute, symlink-free path."""
+    return str(Path(path).resolve())
+
+
+def method_warnings(stats: dict[str, Any]) -> list[str]:
+    """The ``no_effect`` notes of methods' telemetry (e.g. VAR found no sink at all)."""
+    return [f"{name}: {s['no_effect']}" for name, s in (stats or {}).items() if isinstance(s, dict) and s.get("no_effect")]
+
+
+def _norm(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _first_difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if k in old and k in new:
+                found = _first_difference(f"{key}.{k}", old[k], new[k])
+                if found:
+                    return found
+        return None
+    return None if old == new else (key, old, new)
+
+
+def _check_settings(out_path: Path, records: list[dict], settings: dict[str, Any]) -> None:
+    """Refuse to append to a file made under other settings, naming the first difference
+    (settings a record lacks were not recorded by the vlmfix that wrote it)."""
+    want = _norm(settings)
+    for rec in records:
+        if "error" in rec:
+            continue
+        for key, value in want.items():
+            found = _first_difference(key, _norm(rec[key]), value) if key in rec else None
+            if found:
+                name, was, now = found
+                raise ConfigError(
+                    f"{out_path} was made with other settings: {name} is {was!r} there, {now!r} now; "
+                    "resume with the same settings, or write to another file with --out"
+                )
 
 
 def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -91,13 +196,18 @@ def caption_files(
     prompt: str,
     methods: list,
     metadata: dict[str, Any],
+    settings: dict[str, Any] | None = None,
     batch_size: int = 8,
     resume: bool = False,
+    retry_errors: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Caption ``files`` into the JSON-lines file ``out_path``.
+
+    Hold :class:`vlmfix.io.OutputLock` on ``out_path`` around the call when other
+    processes may write the same file (the CLI does).
 
     Args:
         model, processor: from :func:`vlmfix.load`.
@@ -106,14 +216,23 @@ def caption_files(
         prompt: the user prompt for every image.
         methods: method configs.
         metadata: fields copied into every record (model id, method configs, versions...).
+        settings: fields copied into every record that must match on resume (resolved
+            model, dtype, methods, generation settings); ``prompt`` is always checked.
         batch_size: images per forward.
-        resume: skip paths already recorded in ``out_path``.
+        resume: skip images already captioned in ``out_path`` (by resolved path).
+        retry_errors: on resume, caption again the images that have an error record
+            (the old record is replaced); False keeps error records as final.
         max_pixels: larger images become error records.
         progress: show a progress bar on stderr.
         generate_kwargs: passed to :func:`vlmfix.generate`.
 
     Returns:
-        Counts: ``{"done": captions written, "errors": error records, "skipped": already done}``.
+        Counts: ``{"done": captions written, "errors": error records written,
+        "skipped": already done, "retried": error records replaced}``.
+
+    Raises:
+        DataError: ``out_path`` holds records and ``resume`` is not set.
+        ConfigError: ``resume`` under settings other than the file's.
     """
     from tqdm.auto import tqdm
 
@@ -122,11 +241,27 @@ def caption_files(
     out_path = Path(out_path)
     if out_path.exists() and out_path.stat().st_size > 0 and not resume:
         raise DataError(f"{out_path} already exists; pass --resume to continue it, or choose another --out")
+    settings = {"prompt": prompt, **(settings or {})}
     if resume and repair_jsonl(out_path):
         logger.warning("%s: removed a partial last line left by an interrupted run", out_path)
-    seen = done_keys(out_path, "path") if resume else set()
-    todo = [f for f in files if str(f) not in seen]
-    counts = {"done": 0, "errors": 0, "skipped": len(files) - len(todo)}
+    old = list(read_jsonl(out_path, strict=False)) if resume and out_path.exists() else []
+    _check_settings(out_path, old, settings)
+    wanted = {resolved(f) for f in files}
+    done: dict[str, bool] = {}  # resolved path -> only error records so far
+    for rec in old:
+        if "path" in rec:
+            key = rec.get("resolved_path") or resolved(rec["path"])  # older files: path only
+            done[key] = done.get(key, True) and "error" in rec
+    retried = 0
+    if retry_errors:
+        failed = {k for k, is_error in done.items() if is_error and k in wanted}
+        if failed:
+            retried = drop_records(
+                out_path, lambda r: "error" in r and (r.get("resolved_path") or resolved(r.get("path", ""))) in failed
+            )
+            done = {k: e for k, e in done.items() if k not in failed}
+    todo = [f for f in files if resolved(f) not in done]
+    counts = {"done": 0, "errors": 0, "skipped": len(files) - len(todo), "retried": retried}
     generate_kwargs = dict(generate_kwargs or {})
     bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="captioning")
     with JsonlWriter(out_path) as writer:
@@ -137,7 +272,15 @@ def caption_files(
                     images.append(load_image(path, max_pixels))
                     good.append(path)
                 except DataError as exc:
-                    writer.write({"path": str(path), "error": str(exc), "error_type": "bad_image"})
+                    writer.write(
+                        {
+                            "path": str(path),
+                            "resolved_path": resolved(path),
+                            "error": str(exc),
+                            "error_type": "bad_image",
+                            **settings,
+                        }
+                    )
                     counts["errors"] += 1
                     bar.update(1)
             if not good:
@@ -145,15 +288,20 @@ def caption_files(
             t0 = time.perf_counter()
             result = generate(model, processor, images, [prompt] * len(good), methods, **generate_kwargs)
             seconds = (time.perf_counter() - t0) / len(good)
+            stats = _norm(result.stats or {})
+            flags = method_warnings(stats)
             for path, text, ids in zip(good, result.texts, result.token_ids):
                 writer.write(
                     {
                         "path": str(path),
-                        "prompt": prompt,
+                        "resolved_path": resolved(path),
                         "text": text,
                         "num_tokens": len(ids),
                         "seconds": round(seconds, 4),
+                        **settings,
                         **metadata,
+                        "method_stats": stats,  # telemetry of this image's batch
+                        **({"method_warnings": flags} if flags else {}),
                     }
                 )
                 counts["done"] += 1

@@ -34,40 +34,62 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     from vlmfix.caption import caption_files, find_images
-    from vlmfix.cli_common import build_from_args, generation_kwargs, run_metadata
+    from vlmfix.cli_common import check_args, default_model, generation_kwargs, model_settings, run_metadata
+    from vlmfix.errors import DataError
+    from vlmfix.io import OutputLock, check_writable
+    from vlmfix.loading import load
 
-    files = find_images(args.paths)
-    if not files:
+    # Everything that can be checked is checked before the model loads.
+    out = check_writable(args.out)
+    found = find_images(args.paths)
+    if not found:
         print(f"no images found under {args.paths}", file=sys.stderr)
         return 1
-    model, processor, methods, model_id = build_from_args(args)
-    meta = run_metadata(model_id, methods, args.seed, device=str(next(model.parameters()).device))
-    meta.pop("device_name", None)
-    counts = caption_files(
-        model,
-        processor,
-        files,
-        args.out,
-        prompt=args.prompt,
-        methods=methods,
-        metadata=meta,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        max_pixels=args.max_pixels,
-        progress=not args.no_progress,
-        generate_kwargs=generation_kwargs(args),
-    )
+    files = found[: args.limit] if args.limit is not None else found
+    methods = check_args(args)
+    with OutputLock(out):  # a second run on the same file is refused here, not by timing
+        if out.exists() and out.stat().st_size > 0 and not args.resume:
+            raise DataError(f"{out} already exists; pass --resume to continue it, or choose another --out")
+        name = args.model or default_model()
+        model, processor = load(name, dtype=args.dtype, device=args.device)
+        meta = run_metadata(name, methods, args.seed, device=str(next(model.parameters()).device))
+        meta.pop("device_name", None)
+        meta.pop("methods", None)  # recorded (and checked on resume) with the settings
+        meta["inputs"] = {"paths": list(args.paths), "limit": args.limit, "images_found": len(found)}
+        counts = caption_files(
+            model,
+            processor,
+            files,
+            out,
+            prompt=args.prompt,
+            methods=methods,
+            metadata=meta,
+            settings=model_settings(args, model, methods, name),
+            batch_size=args.batch_size,
+            resume=args.resume,
+            retry_errors=not args.keep_errors,
+            max_pixels=args.max_pixels,
+            progress=not args.no_progress,
+            generate_kwargs=generation_kwargs(args),
+        )
+    retried = f", {counts['retried']} earlier errors retried" if counts["retried"] else ""
     print(
-        f"{args.out}: {counts['done']} captioned, {counts['errors']} errors, {counts['skipped']} already done",
+        f"{args.out}: {counts['done']} captioned, {counts['errors']} errors, "
+        f"{counts['skipped']} already done{retried}",
         file=sys.stderr,
     )
+    if len(files) < len(found):
+        print(f"--limit {args.limit}: {len(found) - len(files)} more images were not captioned", file=sys.stderr)
+    if counts["errors"] and not counts["done"] and not counts["skipped"]:
+        print(f"vlmfix: error: every image failed; see the 'error' records in {args.out}", file=sys.stderr)
+        return 1
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from vlmfix import __version__
     from vlmfix.caption import DEFAULT_MAX_PIXELS
-    from vlmfix.cli_common import add_model_options
+    from vlmfix.cli_common import add_model_options, positive_int
 
     parser = argparse.ArgumentParser(prog="vlmfix", description="Decoding-time hallucination fixes for LLaVA models.")
     parser.add_argument("--version", action="version", version=f"vlmfix {__version__}")
@@ -79,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Describe this image in detail.", help="user prompt for every image")
     p.add_argument("--out", default="captions.jsonl", help="output JSON-lines file (default: captions.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue an existing output file, skipping done images")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images become error records")
+    p.add_argument(
+        "--keep-errors",
+        action="store_true",
+        help="with --resume, keep error records as final (default: retry those images)",
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="caption only the first N images found")
+    p.add_argument(
+        "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="larger images become error records"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_model_options(p)
-    p.set_defaults(func=_cmd_caption)
+    p.set_defaults(func=_cmd_caption, interrupt_hint="Re-run the same command with --resume to continue.")
 
     p = sub.add_parser("methods", help="list methods and their defaults")
     p.add_argument("--json", action="store_true", help="print defaults as JSON")
@@ -114,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; finished records are saved. Re-run with --resume to continue.", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", "")
+        print(f"interrupted; finished records are saved. {hint}".rstrip(), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -122,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except VlmfixError as exc:
         print(f"vlmfix: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named cannot be read or written
+        print(f"vlmfix: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -39,3 +39,7 @@ class LayoutMismatchError(VlmfixError, RuntimeError):
     turn every method off. Seeing it is a vlmfix bug (or an unsupported cache): please
     report it with the transformers version.
     """
+
+
+class BackendUnavailableError(VlmfixError, RuntimeError):
+    """An attention backend was forced where it cannot run (e.g. ``triton`` without CUDA)."""

@@ -224,7 +224,7 @@ def generate(
     use_cache: bool = True,
     return_scores: bool = False,
     apply_chat_template: bool = True,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> GenerationOutput:
     """Generate answers for a batch of (image, prompt) pairs with methods attached.
 
@@ -241,7 +241,8 @@ def generate(
             noise is drawn first, then one multinomial draw per sampling step).
         use_cache: decode with a KV cache (False recomputes the full sequence each step).
         return_scores: also return the per-step logits used to pick each token.
-        backend: attention backend, ``"reference"`` or ``"triton"``.
+        backend: attention backend: ``"auto"`` (default: ``$VLMFIX_BACKEND`` when set, else
+            ``"triton"`` on CUDA, ``"reference"`` elsewhere), ``"reference"`` or ``"triton"``.
 
     Returns:
         A :class:`GenerationOutput`.
@@ -268,7 +269,9 @@ def generate(
 
     with attach(model, *methods, backend=backend) as handle:
         branches = [(m, spec) for m in handle.methods for spec in m.branches()]
-        rows = RowMap(len(prompts), tuple((m.name, spec.name) for m, spec in branches))
+        # probe-only rows come last: they leave the batch after the probe forward
+        branches = [b for b in branches if not b[1].probe_only] + [b for b in branches if b[1].probe_only]
+        rows = RowMap(len(prompts), tuple((m.name, spec.name) for m, spec in branches if not spec.probe_only))
         inputs = prepare_rows(
             processor,
             images,
@@ -359,24 +362,31 @@ def _decode_loop(model, handle, inputs, *, rows, branches, max_new_tokens, eos, 
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     B, copies = rows.num_samples, 1 + len(rows.branches)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    per_method = {id(m): [k for k, (owner, _) in enumerate(branches) if owner is m] for m in handle.methods}
+    n_rows = rows.num_rows
+    per_method = {
+        id(m): [k for k, (owner, _) in enumerate(branches[: len(rows.branches)]) if owner is m] for m in handle.methods
+    }
 
-    probers = [m for m in handle.methods if any(spec.probe for owner, spec in branches if owner is m)]
+    probers = [m for m in handle.methods if any((s.probe or s.probe_only) for o, s in branches if o is m)]
     if probers:
+        # main rows, then the probe-only rows (the last rows of the batch; they have no image).
         # The probe forward measures for its owners; no other method acts in it.
-        handle.controller.rows = replace(rows, branches=(), probing=True)
+        probe = torch.cat([torch.arange(B), torch.arange(n_rows, input_ids.shape[0])]).to(input_ids.device)
+        only = tuple((m.name, spec.name) for m, spec in branches if spec.probe_only)
+        handle.controller.rows = replace(rows, branches=only, probing=True)
         try:
             with handle.controller.only(probers):
                 model(
-                    input_ids=input_ids[:B],
-                    attention_mask=attention_mask[:B],
-                    position_ids=position_ids[:B],
+                    input_ids=input_ids[probe],
+                    attention_mask=attention_mask[probe],
+                    position_ids=position_ids[probe],
                     use_cache=False,
                     logits_to_keep=1,
                     **_main_rows(extra, B),
                 )
         finally:
             handle.controller.rows = rows
+        input_ids, attention_mask, position_ids = input_ids[:n_rows], attention_mask[:n_rows], position_ids[:n_rows]
     edits = [(k, spec) for k, (_, spec) in enumerate(branches) if spec.embeds is not None]
     hook = None
     if edits:

@@ -103,15 +103,15 @@ class Layout:
             buf[:, :L] = t
         return cls(bufs, L, image_start, image_end, prompt_length, unresolved, has_image, padded)
 
-    @property
+    @cached_property
     def labels(self) -> torch.Tensor:
         return self.buffers[0][:, : self.length]
 
-    @property
+    @cached_property
     def parts(self) -> torch.Tensor:
         return self.buffers[1][:, : self.length]
 
-    @property
+    @cached_property
     def positions(self) -> torch.Tensor:
         return self.buffers[2][:, : self.length]
 

@@ -57,12 +57,16 @@ class Reweight:
     Attributes:
         rows: bool ``[B, Tq]``, rows eligible for reweighting.
         p, rho, min_mass: the rule's constants.
+        weights: optional fp32 ``[B, 1, Tk, 2]``, per key (is image, is image sink), the
+            same information as the plan's labels, prepared once per sequence so a decode
+            step need not rebuild it.
     """
 
     rows: torch.Tensor
     p: float
     rho: float
     min_mass: float
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,8 +109,10 @@ class AttentionPlan:
         k_pos: long ``[B, Tk]``.
         plain_causal: host-side: no padding and keys ``0..Tk-1`` in order, so plain
             attention may take a flash kernel.
-        mask: optional explicit bool ``[B or 1, 1, Tq, Tk]`` overriding positions (a custom
-            4D mask passed by the caller).
+        mask: the visible mask ``[B or 1, 1, Tq, Tk]`` built once per forward from positions
+            (None when plain causal attention needs none).
+        custom_mask: ``mask`` is a custom 4D mask passed by the caller, which overrides
+            positions (the Triton backend then defers to the reference backend).
         score_rows: bool ``[B, Tq]`` rows of the pre-softmax edit; None = every row.
         score_coef: fp32 ``[B, H or 1, Tk]`` or None.
         reweight: a :class:`Reweight` or None.
@@ -120,6 +126,7 @@ class AttentionPlan:
     k_pos: torch.Tensor
     plain_causal: bool = False
     mask: torch.Tensor | None = None
+    custom_mask: bool = False
     score_rows: torch.Tensor | None = None
     score_coef: torch.Tensor | None = None
     reweight: Reweight | None = None

@@ -105,10 +105,12 @@ def _vision_config(family: str):
     return CLIPVisionConfig(projection_dim=32, **common)
 
 
-def _text_config(family: str, vocab_size: int):
+def _text_config(family: str, vocab_size: int, head_dim: int | None = None):
     from transformers import LlamaConfig, Qwen2Config
 
+    extra = {} if head_dim is None else {"head_dim": head_dim}
     common = dict(
+        **extra,
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -153,6 +155,7 @@ def build_tiny(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    head_dim: int | None = None,
 ):
     """Build a tiny random model of one LLaVA family with a matching processor.
 
@@ -162,6 +165,8 @@ def build_tiny(
         seed: seed of the weight initialisation (same seed, same weights).
         dtype: parameter dtype.
         attn_implementation: initial attention implementation of every sub-model.
+        head_dim: LM attention head dim (default ``hidden_size / heads`` = 16); 64 gives
+            shapes the Triton kernels take.
 
     Returns:
         ``(model, processor)`` in eval mode on the CPU.
@@ -182,7 +187,7 @@ def build_tiny(
     tokenizer = build_tiny_tokenizer(video_token=family == "llava_onevision")
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = _vision_config(family)
-    text = _text_config(family, vocab_size=len(tokenizer))
+    text = _text_config(family, vocab_size=len(tokenizer), head_dim=head_dim)
     mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
     with warnings.catch_warnings():

@@ -50,6 +50,7 @@ def test_caption_folder_with_bad_files(tmp_path):
     assert "not an image" in by_path["fake.jpg"]["error"]
     assert "truncated" in by_path["truncated.png"]["error"] or "corrupt" in by_path["truncated.png"]["error"]
     assert "decompression bomb" in by_path["huge.png"]["error"]
+    assert "raise the limit: vlmfix caption --max-pixels N" in by_path["huge.png"]["error"]  # says how
     assert "notes.txt" not in by_path
 
 
@@ -61,8 +62,15 @@ def test_refuses_to_overwrite_and_resume_adds_nothing(tmp_path, capsys):
     assert _run([str(d), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert out.read_bytes() == first
-    assert _run([str(d), "--out", str(out), "--resume"]) == 0
-    assert out.read_bytes() == first
+    assert _run([str(d), "--out", str(out), "--resume", "--keep-errors"]) == 0
+    assert out.read_bytes() == first  # nothing to do: every image has its record
+    assert _run([str(d), "--out", str(out), "--resume"]) == 0  # retries the 2 bad files only
+    before = [json.loads(line) for line in first.splitlines()]
+    after = list(read_jsonl(out))
+    assert len(after) == len(before) == 6 and len({r["resolved_path"] for r in after}) == 6
+    good = [line for line in first.splitlines() if b'"error"' not in line]
+    assert out.read_bytes().splitlines()[: len(good)] == good  # captions untouched, in place
+    assert sorted(Path(r["path"]).name for r in before if "error" in r) == ["fake.jpg", "truncated.png"]
 
 
 def test_interrupted_run_resumes_exactly_once(tmp_path, monkeypatch):
@@ -141,7 +149,7 @@ def test_killed_process_leaves_resumable_file(tmp_path, sig):
                 "--batch-size",
                 "8",
                 "--max-new-tokens",
-                "2",
+                "16",  # the killed run's setting: resuming under another is refused
                 "--no-progress",
                 "--resume",
             ]

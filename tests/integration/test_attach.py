@@ -134,13 +134,32 @@ def test_explicit_reference_path_equals_sdpa():
     torch.testing.assert_close(slow, naive, atol=1e-5, rtol=1e-5)
 
 
-def test_unavailable_backend_is_a_clear_error():
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    from vlmfix.errors import BackendUnavailableError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests may switch the interpreter on
     model, _, _ = _inputs("llava", 1)
-    with pytest.raises(ConfigError, match="use backend='reference'"):
+    with pytest.raises(BackendUnavailableError, match="Use backend='reference'"):
         vlmfix.attach(model, backend="triton")
     with pytest.raises(ConfigError, match="not one of"):
         vlmfix.attach(model, backend="cuda")
+    monkeypatch.setenv("VLMFIX_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="the tensors are on the CPU"):
+        vlmfix.attach(model)
+    monkeypatch.setenv("VLMFIX_BACKEND", "fast")
+    with pytest.raises(ConfigError, match=r"\$VLMFIX_BACKEND='fast' is not one of"):
+        vlmfix.attach(model)
     assert not attention.is_registered() and active_handle(model) is None
+
+
+def test_auto_backend_is_reference_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("VLMFIX_BACKEND", raising=False)
+    model, _, _ = _inputs("llava", 1)
+    with vlmfix.attach(model) as handle:
+        assert handle.controller.backend == "reference"
+    monkeypatch.setenv("VLMFIX_BACKEND", "reference")
+    with vlmfix.attach(model) as handle:
+        assert handle.controller.backend == "reference"
 
 
 def test_logit_methods_warn_outside_vlmfix_generate():

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmfix.errors import ConfigError, DataError
+from vlmfix.eval.bootstrap import BootstrapSpec
 from vlmfix.eval.chair import caption_samples, image_samples, load_ground_truth, run_chair
 from vlmfix.eval.cli import register
 from vlmfix.eval.pope import build_questions, load_questions, run_pope, write_questions
@@ -248,9 +249,13 @@ def test_chair_scores_captions_file_with_error_records(data, tmp_path):
     caps.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     res = run_chair(caption_samples(caps, gt), gt, tmp_path / "run")
     recs = _records(tmp_path / "run")
-    assert [("error" in r) for r in recs] == [False, False, True, True, False]
-    assert "image id 999" in recs[2]["error"] and recs[3]["error"] == "empty caption"
-    assert res["n_errors"] == 2 and res["metrics"]["n_captions"] == 3
+    assert [("error" in r) for r in recs] == [False, False, True, False, False]
+    assert "image id 999" in recs[2]["error"]
+    # an empty caption is a caption: in CHAIR_s's denominator and Len, and reported
+    assert recs[3]["empty"] is True and recs[3]["mentions"] == [] and recs[3]["n_tokens"] == 0
+    assert res["n_errors"] == 1 and res["metrics"]["n_captions"] == 4
+    assert res["metrics"]["n_empty_captions"] == 1 and res["empty_captions"] == ["3"]
+    assert "1 empty captions" in (tmp_path / "run" / "report.md").read_text()
     truth = data["truth"]
     expected_hal = sum(c not in truth[1] for c in ("dog", "cat")) + sum(
         c not in truth[2] for c in ("person", "dining table")
@@ -266,7 +271,7 @@ def test_chair_captions_file_errors_name_the_line(data, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
         caption_samples(bad, gt)
     bad.write_text('{"image_id": 1}\n')
-    with pytest.raises(DataError, match="record 1: needs a string 'caption' or 'text'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: needs a string 'caption' or 'text'"):
         caption_samples(bad, gt)
 
 
@@ -430,3 +435,68 @@ def test_cli_pope_scores_existing_answers(data, tmp_path):
     answers.write_text(json.dumps({"question_id": qs[0].question_id, "text": "Yes"}))
     with pytest.raises(DataError, match="1 answers for 18 questions"):
         _cli([*argv[:-3], "--out", str(tmp_path / "bad")])
+
+
+def test_results_carry_bootstrap_intervals_and_compare_pairs_runs(data, tmp_path):
+    splits = _pope_splits(data, 5)
+    res = run_pope(splits, data["images"], tmp_path / "p1", fake_answer)
+    assert res["bootstrap"]["n_resamples"] == 1000 and res["bootstrap"]["seed"] == 0
+    assert res["bootstrap"]["n_units"] == 5  # images, not questions
+    for m in res["splits"].values():
+        for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            lo, hi = m["ci"][name]
+            assert lo <= m[name] <= hi
+    assert res["mean_f1_ci"][0] <= res["mean_f1"] <= res["mean_f1_ci"][1]
+    assert "[brackets]: 95% percentile bootstrap interval over 5 images" in (tmp_path / "p1" / "report.md").read_text()
+
+    def always_yes(images, prompts):
+        return ["Yes"] * len(prompts)
+
+    run_pope(splits, data["images"], tmp_path / "p2", always_yes)
+    compare_runs([tmp_path / "p1", tmp_path / "p2"], tmp_path / "cmp", bootstrap=BootstrapSpec(200, seed=3))
+    cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    (pair,) = cmp["paired"]
+    assert pair["n_shared_units"] == 5 and pair["bootstrap"]["n_resamples"] == 200
+    # answering "yes" to everything: yes-ratio 100 %, far outside the interval
+    assert pair["metrics"]["random/yes_ratio"]["b"] == 1.0 and pair["metrics"]["random/yes_ratio"]["outside"]
+    assert "Differences from" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+    gt = load_ground_truth(data["root"] / "gt.json")
+    caps = tmp_path / "caps.json"  # a JSON array is accepted
+    caps.write_text(json.dumps([{"image_id": i, "caption": "A dog and a cat."} for i in range(1, 13)]))
+    c1 = run_chair(caption_samples(caps, gt), gt, tmp_path / "c1")
+    assert set(c1["metrics"]["ci"]) == {"CHAIR_s", "CHAIR_i", "Recall", "Len"} and c1["bootstrap"]["n_units"] == 12
+    run_chair(caption_samples(caps, gt), gt, tmp_path / "c2")
+    compare_runs([tmp_path / "c1", tmp_path / "c2"], tmp_path / "cmp2")
+    same = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["paired"][0]["metrics"]
+    assert all(d["diff"] == 0 and not d["outside"] for d in same.values())
+
+
+def test_captions_file_repeated_image_is_an_error_or_deduped(data, tmp_path):
+    gt = load_ground_truth(data["root"] / "gt.json")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"image_id": 1, "caption": "A dog."},
+                {"image_id": 2, "caption": "A cat."},
+                {"path": "COCO_val2014_000000000001.jpg", "caption": "A bus."},  # image 1 again
+            ]
+        )
+    )
+    with pytest.raises(DataError, match=r"caps\.jsonl:3: image 1 already has a caption on line 1.*--dedupe"):
+        caption_samples(caps, gt)
+    first = caption_samples(caps, gt, dedupe="first")
+    last = caption_samples(caps, gt, dedupe="last")
+    assert [s.text for s in first] == ["A dog.", "A cat."]
+    assert [s.text for s in last] == ["A bus.", "A cat."]
+    argv = ["chair", "--captions", str(caps), "--annotations", str(data["root"] / "gt.json"), "--no-progress"]
+    with pytest.raises(DataError, match="already has a caption"):
+        _cli([*argv, "--out", str(tmp_path / "r0")])
+    assert _cli([*argv, "--out", str(tmp_path / "r1"), "--dedupe", "last"]) == 0
+    assert load_results(tmp_path / "r1")["metrics"]["n_captions"] == 2
+    arr = tmp_path / "arr.json"
+    arr.write_text('[\n  {"image_id": 1, "caption": "A dog."},\n  {"image_id": 1, "caption": "x"}\n]')
+    with pytest.raises(DataError, match=r"arr\.json:3: image 1 already has a caption on line 2"):
+        caption_samples(arr, gt)

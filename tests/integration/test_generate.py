@@ -105,3 +105,26 @@ def test_stats_keyed_by_method():
         model, processor, make_images(1), PROMPTS[:1], methods=[vlmfix.methods.get("baseline")()], max_new_tokens=2
     )
     assert out.stats == {"baseline": {}}
+
+
+def test_stats_values_count_what_the_methods_did():
+    """Telemetry values, not just keys: PAI edits one row per (sample, head, layer, step);
+    VAR with an unreachable tau finds no sink, changes no row and says so."""
+    model, processor = tiny("llava")
+    n_heads = model.config.text_config.num_attention_heads
+    out = vlmfix.generate(
+        model,
+        processor,
+        make_images(2),
+        PROMPTS[:2],
+        methods=[vlmfix.PAI(), vlmfix.VAR(tau=1000.0)],
+        max_new_tokens=3,
+    )
+    pai, var = out.stats["pai"], out.stats["var"]
+    steps = max(len(ids) for ids in out.token_ids)
+    assert pai["layers"] and pai["rows_touched"] == 2 * n_heads * len(pai["layers"]) * steps
+    assert var["sinks_per_layer"] and set(var["sinks_per_layer"].values()) == {0}
+    assert var["rows_considered"] > 0 and var["rows_redistributed"] == 0
+    assert var["rows_redistributed_fraction"] == 0.0 and "tau=1000.0" in var["no_effect"]
+    out = vlmfix.generate(model, processor, make_images(2), PROMPTS[:2], methods=[vlmfix.VAR(tau=2.0)], max_new_tokens=1)
+    assert "no_effect" not in out.stats["var"] and sum(out.stats["var"]["sinks_per_layer"].values()) > 0

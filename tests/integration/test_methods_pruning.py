@@ -482,7 +482,7 @@ def test_layer_outside_the_model_is_refused_at_attach():
 def test_yaml_presets_hold_paper_defaults(name):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "configs" / "methods" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "vlmfix" / "configs" / "methods" / f"{name}.yaml"
     (cfg,) = vlmfix.methods.from_yaml(path)
     assert cfg == vlmfix.methods.get(name)()
 

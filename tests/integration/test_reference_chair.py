@@ -23,7 +23,9 @@ def reference_dir() -> Path:
 
 CHAIR_DIR = reference_dir() / "chair"
 pytestmark = pytest.mark.skipif(
-    not (CHAIR_DIR / "coco2014_gt_objects.json").is_file(), reason="shared/reference/chair not available"
+    not (CHAIR_DIR / "coco2014_gt_objects.json").is_file(),
+    reason=f"CHAIR reference fixture not found in {CHAIR_DIR} (default: ../shared/reference beside the "
+    "checkout; set VLMFIX_REFERENCE=/path/to/reference to look elsewhere)",
 )
 
 # file: (WordNet CHAIR_s, CHAIR_i, Recall, Len), (singularize CHAIR_s, CHAIR_i, Recall, Len)

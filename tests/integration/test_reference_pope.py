@@ -16,7 +16,11 @@ def reference_dir() -> Path:
 
 
 POPE_DIR = reference_dir() / "pope"
-pytestmark = pytest.mark.skipif(not POPE_DIR.is_dir(), reason="shared/reference/pope not available")
+pytestmark = pytest.mark.skipif(
+    not POPE_DIR.is_dir(),
+    reason=f"POPE reference files not found in {POPE_DIR} (default: ../shared/reference beside the "
+    "checkout; set VLMFIX_REFERENCE=/path/to/reference to look elsewhere)",
+)
 
 FILES = {
     "coco-2023-11": ("coco_pope_{}.json", {"random": 3000, "popular": 3000, "adversarial": 3000}),

@@ -110,3 +110,25 @@ def test_ground_truth_missing(tmp_path):
         load_ground_truth(tmp_path)
     with pytest.raises(ConfigError, match="normalizer"):
         ground_truth_from_coco([], normalizer="x")
+
+
+def test_ground_truth_builder_does_not_miss_buses_and_ties(tmp_path):
+    # The common coco2014_gt_objects.json was built with pattern's singularize, which
+    # reads "bus" as "bu" and "ties" as "ty" and so misses these objects in human
+    # captions. vlmfix's builder reads them with its own normalizer.
+    cats = [{"id": 1, "name": "person"}]
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (20, 21, 22, 23)]
+    caps = [
+        {"id": 1, "image_id": 20, "caption": "A bus parked at the curb."},
+        {"id": 2, "image_id": 21, "caption": "Two buses on a city street."},
+        {"id": 3, "image_id": 22, "caption": "Neckties on display in a shop."},
+        {"id": 4, "image_id": 23, "caption": "Several ties hanging on a rack."},
+    ]
+    (tmp_path / "instances_val2014.json").write_text(
+        json.dumps({"images": images, "annotations": [], "categories": cats})
+    )
+    (tmp_path / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": caps}))
+    for normalizer in ("lemma", "plural"):
+        gt = load_ground_truth(tmp_path, normalizer)
+        assert gt.objects[20] == {"bus"} and gt.objects[21] == {"bus"}
+        assert gt.objects[22] == {"tie"} and gt.objects[23] == {"tie"}

@@ -21,6 +21,8 @@ from vlmfix.eval.chair import COCO_CATEGORIES, SYNONYMS, extract_mentions, merge
         ("busses", "bus"),
         ("glasses", "glass"),
         ("ties", "tie"),
+        ("neckties", "necktie"),
+        ("bowties", "bowtie"),
         ("skis", "ski"),
         ("mice", "mouse"),
         ("benches", "bench"),

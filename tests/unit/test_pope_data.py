@@ -112,7 +112,7 @@ def test_load_answers_matches_questions(tmp_path):
             [{"question_id": 1, "text": "Yes"}, {"question_id": 1, "text": "No"}],
             "a.jsonl:2: question_id 1 is answered twice",
         ),
-        ([{"question_id": 1}], "a.jsonl:1: needs the answer"),
+        ([{"question_id": 1}], "a.jsonl:1: needs the model's answer"),
     ],
 )
 def test_load_answers_errors(tmp_path, lines, msg):

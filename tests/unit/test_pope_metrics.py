@@ -21,6 +21,23 @@ def test_hand_computed():
     assert m["yes_ratio"] == pytest.approx(3 / 6)
 
 
+def test_asymmetric_case_tells_every_metric_apart():
+    # 4 yes / 2 no labels; tp=2 fn=2 fp=1 tn=1: precision != recall != f1 != accuracy, and
+    # the yes-ratio of the predictions (3/6) differs from that of the labels (4/6)
+    preds = ["yes", "yes", "no", "no", "yes", "no"]
+    labels = ["yes", "yes", "yes", "yes", "no", "no"]
+    m = pope_metrics(preds, labels)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 2, 1, 1)
+    assert m["precision"] == pytest.approx(2 / 3)  # tp / (tp + fp): a swap with recall fails
+    assert m["recall"] == pytest.approx(1 / 2)  # tp / (tp + fn)
+    assert m["f1"] == pytest.approx(4 / 7)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["yes_ratio"] == pytest.approx(3 / 6)  # from predictions, not the labels' 4/6
+    swapped = pope_metrics(labels, preds)  # predictions and labels are not interchangeable
+    assert (swapped["precision"], swapped["recall"]) == (pytest.approx(1 / 2), pytest.approx(2 / 3))
+    assert swapped["yes_ratio"] == pytest.approx(4 / 6)
+
+
 def test_yes_ratio_counts_predictions_not_labels():
     # labels are half yes; predictions are all yes -> yes-ratio 1.0 (lmms-eval reported 0.5)
     m = pope_metrics(["yes"] * 4, ["yes", "yes", "no", "no"])

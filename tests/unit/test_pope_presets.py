@@ -1,4 +1,4 @@
-"""Task presets in configs/eval: include resolution, shipped files, errors."""
+"""Task presets in vlmfix/configs/eval: include resolution, shipped files, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from vlmfix.errors import ConfigError
 from vlmfix.eval.tasks import CONFIG_DIR, load_task_config
 
-pytestmark = pytest.mark.skipif(not CONFIG_DIR.is_dir(), reason="configs/eval not present (installed package)")
+pytestmark = pytest.mark.skipif(not CONFIG_DIR.is_dir(), reason="vlmfix/configs/eval not present: the package was installed without its data")
 
 
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmfix.errors import ConfigError, VlmfixError
+from vlmfix.errors import ConfigError, DataError, VlmfixError
 from vlmfix.eval.registry import lookup
 
 __all__ = ["register", "main", "cmd_pope", "cmd_chair", "cmd_compare"]
@@ -38,6 +38,22 @@ _CHAIR_DEFAULTS: dict[str, Any] = {
 }
 
 
+_INTERRUPT_HINT = (
+    "Re-run the same command to continue: the --out folder is resumed (passing --resume as well is fine)."
+)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit``, ``--n``, ``--n-images``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a whole number >= 1")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``pope``, ``chair`` and ``compare`` commands to ``subparsers``.
 
@@ -56,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--answers",
         action="append",
         metavar="FILE",
-        help="score existing answers (JSON lines with question_id and text), one per --questions file",
+        help="score existing answers instead of asking a model: one file per --questions file, or one "
+        "merged file for all (LLaVA answers, lmms-eval / VLMEvalKit per-sample dumps)",
     )
     p.add_argument(
         "--split",
@@ -66,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--template", default=None, help="prompt template: plain | llava (default llava)")
     p.add_argument("--parser", default=None, help="answer parser: pope_official | yes_no_unknown")
-    p.add_argument("--n-images", type=int, default=None, help="images per built split (default 500)")
+    p.add_argument("--n-images", type=_positive_int, default=None, help="images per built split (default 500)")
     _common(p)
     p.set_defaults(func=cmd_pope)
 
@@ -84,25 +101,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR|FILE",
         help="COCO annotations folder / instances file, or ground-truth JSON {image_id: [category]}",
     )
-    c.add_argument("--n", type=int, default=None, help="images to caption, seeded sample (default 500)")
+    c.add_argument("--n", type=_positive_int, default=None, help="images to caption, seeded sample (default 500)")
     c.add_argument("--image-ids", metavar="FILE", help="caption exactly these image ids (one per line)")
     c.add_argument("--prompt", default=None, help="captioning prompt")
     c.add_argument("--normalizer", default=None, help="lemma (default, WordNet-compatible) | plural")
+    c.add_argument(
+        "--dedupe",
+        choices=("first", "last"),
+        default=None,
+        help="an image captioned twice in --captions: keep its first or last caption (default: error)",
+    )
     _common(c)
     c.set_defaults(func=cmd_chair)
 
     k = subparsers.add_parser("compare", help="one table and plot for several eval output folders")
     k.add_argument("runs", nargs="+", metavar="DIR", help="run folders holding results.json")
     k.add_argument("--out", required=True, metavar="DIR")
+    _bootstrap_options(k)
     k.set_defaults(func=cmd_compare)
+
+
+def _bootstrap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (1000)"
+    )
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="S", help="seed of the bootstrap (0)")
+
+
+def _bootstrap_spec(args: argparse.Namespace):
+    from vlmfix.eval.bootstrap import BootstrapSpec
+
+    return BootstrapSpec(n_resamples=args.bootstrap, seed=args.bootstrap_seed)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (resumed if it exists)")
-    p.add_argument("--config", metavar="YAML", help="task preset, e.g. configs/eval/pope_random.yaml or pope_random")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (per split)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the --out folder (what eval always does; accepted so `caption`'s habit works here)",
+    )
+    p.add_argument(
+        "--keep-errors",
+        action="store_true",
+        help="on resume, keep stored error records as final (default: retry those samples)",
+    )
+    p.add_argument(
+        "--config", metavar="YAML", help="task preset: a YAML file or a shipped name (pope_random, chair, ...)"
+    )
+    p.add_argument(
+        "--limit", type=_positive_int, default=None, help="evaluate only the first N items (per split); not complete"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--label", default=None, help="name of this run in reports and comparisons")
+    _bootstrap_options(p)
     try:
         from vlmfix.cli_common import add_model_options
     except ImportError:  # the core CLI is not installed: keep the options this module uses
@@ -114,7 +166,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         for action in p._actions:
             if action.dest == "max_new_tokens":
                 action.help = "generation cap (default: from --config, else POPE 16 / CHAIR 512)"
-    p.set_defaults(max_new_tokens=None)  # resolved per task: preset, then task default
+    p.set_defaults(max_new_tokens=None, interrupt_hint=_INTERRUPT_HINT)  # max_new_tokens: preset, then task default
 
 
 def _resolve(args: argparse.Namespace, defaults: dict[str, Any], task: str) -> dict[str, Any]:
@@ -155,12 +207,13 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
     generation = _generation(args)
     fn = getattr(args, "generate_fn", None)
     device = getattr(args, "device", None)
+    resolved: dict[str, Any] = {}
     if fn is not None:
         model_id, methods = getattr(args, "model", None) or "custom-generate-fn", []
     else:
         try:
             import vlmfix
-            from vlmfix.cli_common import build_from_args
+            from vlmfix.cli_common import build_from_args, model_settings
         except ImportError as exc:
             raise ConfigError(f"generating needs vlmfix's model core, which is not available ({exc})") from None
         from vlmfix.eval.runner import dist_context
@@ -170,20 +223,50 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
             args.device = ctx.device  # one model per rank, each on its own device
         model, processor, methods, model_id = build_from_args(args)
         device = str(next(model.parameters()).device)
+        settings = model_settings(args, model, methods, model_id)
+        resolved = {"model_resolved": settings["model_resolved"], "dtype": settings["dtype"]}
 
         def fn(images, prompts):
-            return vlmfix.generate(
-                model, processor, images=images, prompts=prompts, methods=methods, **generation
-            ).texts
+            out = vlmfix.generate(model, processor, images=images, prompts=prompts, methods=methods, **generation)
+            _add_stats(telemetry, out.stats)
+            return out.texts
 
+    telemetry: dict[str, Any] = {}
     info = {
         "model_id": model_id,
         "methods": [{"name": getattr(m, "name", type(m).__name__), **m.to_dict()} for m in methods],
         "generation": generation,
         "batch_size": getattr(args, "batch_size", 1),
         "metadata": collect_metadata(model_id, methods, getattr(args, "seed", None), device),
+        # filled while generating; results.json is written after the last batch
+        "method_stats": telemetry,
     }
+    info.update(resolved)
     return fn, info
+
+
+def _add_stats(telemetry: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Fold one batch's method telemetry into the run's: integer counters are summed over
+    batches, every other value is the last batch's; ``no_effect`` notes are collected."""
+    import json
+
+    from vlmfix.caption import method_warnings
+
+    stats = json.loads(json.dumps(stats or {}, default=str))
+    telemetry["batches"] = telemetry.get("batches", 0) + 1
+    per = telemetry.setdefault("methods", {})
+    for name, s in stats.items():
+        if not isinstance(s, dict):
+            continue
+        entry = per.setdefault(name, {"sums": {}, "last_batch": {}})
+        entry["last_batch"] = s
+        for key, value in s.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                entry["sums"][key] = entry["sums"].get(key, 0) + value
+    for note in method_warnings(stats):
+        notes = telemetry.setdefault("method_warnings", [])
+        if note not in notes:
+            notes.append(note)
 
 
 def cmd_pope(args: argparse.Namespace) -> int:
@@ -191,16 +274,16 @@ def cmd_pope(args: argparse.Namespace) -> int:
     from vlmfix.eval.pope import (
         SPLITS,
         build_questions,
-        load_answers,
         load_coco_objects,
         load_questions,
+        load_split_answers,
         split_name,
         write_questions,
     )
     from vlmfix.eval.pope.task import run_pope
 
     _resolve(args, _POPE_DEFAULTS, "pope")
-    out = Path(args.out)
+    out = _check_out(args)
     splits: dict[str, list] = {}
     if args.questions:
         names = args.split or [split_name(q) for q in args.questions]
@@ -223,32 +306,43 @@ def cmd_pope(args: argparse.Namespace) -> int:
         raise ConfigError("give --questions FILE or --build-from ANNOTATIONS")
     answers = None
     if args.answers:  # checked against the full question files, before --limit
-        if not args.questions or len(args.answers) != len(args.questions):
-            raise ConfigError("--answers needs one --questions file per answers file, in the same order")
-        answers = {name: load_answers(a, qs) for (name, qs), a in zip(splits.items(), args.answers, strict=True)}
+        if not args.questions:
+            raise ConfigError("--answers needs the --questions files the answers were generated from")
+        answers = load_split_answers(args.answers, splits)
+    limited = args.limit is not None and any(len(v) > args.limit for v in splits.values())
     if args.limit is not None:
         splits = {k: v[: args.limit] for k, v in splits.items()}
-    if answers is not None:
-        fn, info = None, {"model_id": None, "methods": [], "answers": args.answers}
-    elif args.images is None:
+    if answers is None and args.images is None:
         raise ConfigError("give --images DIR (to ask the model) or --answers FILE (to score existing answers)")
-    else:
-        fn, info = _model(args)
-    if args.label:
-        info["label"] = args.label
-    info["questions"] = args.questions or {"built_from": args.build_from, "n_images": args.n_images, "seed": args.seed}
-    results = run_pope(
-        splits,
-        args.images,
-        out,
-        fn,
-        answers=answers,
-        template=args.template,
-        parser=args.parser,
-        batch_size=getattr(args, "batch_size", 1),
-        run_info=info,
-        progress=not args.no_progress,
-    )
+    if answers is None:
+        _check_pope_images(args.images, splits)
+    with _lock(out):  # before the model loads: a second run on --out is refused at once
+        if answers is not None:
+            fn, info = None, {"model_id": None, "methods": [], "answers": args.answers}
+        else:
+            fn, info = _model(args)
+        if args.label:
+            info["label"] = args.label
+        info["questions"] = args.questions or {
+            "built_from": args.build_from,
+            "n_images": args.n_images,
+            "seed": args.seed,
+        }
+        info.update(images=None if args.images is None else str(args.images), limit=args.limit, limited=limited)
+        results = run_pope(
+            splits,
+            args.images,
+            out,
+            fn,
+            answers=answers,
+            template=args.template,
+            parser=args.parser,
+            batch_size=getattr(args, "batch_size", 1),
+            run_info=info,
+            progress=not args.no_progress,
+            retry_errors=not args.keep_errors,
+            bootstrap=_bootstrap_spec(args),
+        )
     return _summary(results, out)
 
 
@@ -258,10 +352,10 @@ def cmd_chair(args: argparse.Namespace) -> int:
     from vlmfix.eval.chair.task import caption_samples, image_samples, run_chair
 
     _resolve(args, _CHAIR_DEFAULTS, "chair")
+    out = _check_out(args)
     gt = load_ground_truth(args.annotations, args.normalizer)
-    out = Path(args.out)
     if args.captions:
-        samples = caption_samples(args.captions, gt)
+        samples = caption_samples(args.captions, gt, dedupe=args.dedupe)
         fn, info = None, {"captions": str(args.captions), "model_id": None, "methods": []}
         info["label"] = args.label or Path(args.captions).stem
     else:
@@ -269,23 +363,35 @@ def cmd_chair(args: argparse.Namespace) -> int:
         if args.image_ids:
             ids = _read_ids(args.image_ids)
         samples = image_samples(args.images, gt, n=args.n, seed=args.seed, image_ids=ids, prompt=args.prompt)
-        fn, info = _model(args)
-        info["prompt"] = args.prompt
-        if args.label:
-            info["label"] = args.label
-        info["images"] = {"dir": str(args.images), "n": args.n, "seed": args.seed, "image_ids": args.image_ids}
+        chosen = samples[: args.limit] if args.limit is not None else samples
+        if chosen and all(s.error is not None for s in chosen):  # checked before the model loads
+            raise DataError(
+                f"none of the {len(chosen)} chosen images in {args.images} can be scored "
+                f"(first: {chosen[0].error}); check --images and --annotations"
+            )
+    limited = args.limit is not None and len(samples) > args.limit
     if args.limit is not None:
         samples = samples[: args.limit]
-    results = run_chair(
-        samples,
-        gt,
-        out,
-        fn,
-        normalizer=args.normalizer,
-        batch_size=getattr(args, "batch_size", 1),
-        run_info=info,
-        progress=not args.no_progress,
-    )
+    with _lock(out):  # before the model loads: a second run on --out is refused at once
+        if not args.captions:
+            fn, info = _model(args)
+            info["prompt"] = args.prompt
+            if args.label:
+                info["label"] = args.label
+            info["images"] = {"dir": str(args.images), "n": args.n, "seed": args.seed, "image_ids": args.image_ids}
+        info.update(limit=args.limit, limited=limited)
+        results = run_chair(
+            samples,
+            gt,
+            out,
+            fn,
+            normalizer=args.normalizer,
+            batch_size=getattr(args, "batch_size", 1),
+            run_info=info,
+            progress=not args.no_progress,
+            retry_errors=not args.keep_errors,
+            bootstrap=_bootstrap_spec(args),
+        )
     return _summary(results, out)
 
 
@@ -293,7 +399,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``vlmfix eval compare``; return the exit code."""
     from vlmfix.eval.report import compare_runs
 
-    path = compare_runs(args.runs, args.out)
+    path = compare_runs(args.runs, args.out, bootstrap=_bootstrap_spec(args))
     print(path.read_text(encoding="utf-8"))
     return 0
 
@@ -302,7 +408,11 @@ def _read_ids(path: str) -> list[int]:
     from vlmfix.errors import DataError
 
     ids = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    from vlmfix.io import read_text
+
+    if not Path(path).is_file():
+        raise DataError(f"--image-ids file {path} does not exist")
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 ids.append(int(line.strip()))
@@ -311,16 +421,64 @@ def _read_ids(path: str) -> list[int]:
     return ids
 
 
+def _check_out(args: argparse.Namespace) -> Path:
+    """``--out`` must be a folder we can create or write, checked before any slow work."""
+    from vlmfix.io import check_writable
+
+    return check_writable(args.out, folder=True)
+
+
+def _lock(out: Path):
+    """Exclusive lock on the run folder (rank 0 only: the ranks of one launch share it)."""
+    import contextlib
+
+    from vlmfix.eval.runner import dist_context
+    from vlmfix.io import OutputLock
+
+    if not dist_context().is_main:
+        return contextlib.nullcontext()
+    return OutputLock(out, folder=True)
+
+
+def _check_pope_images(images: str, splits: dict[str, list]) -> None:
+    """Before the model loads: the folder exists and holds the questions' images."""
+    folder = Path(images)
+    if not folder.is_dir():
+        raise DataError(f"--images {images} is not a folder; pass the folder holding the question images")
+    names = sorted({q.image for qs in splits.values() for q in qs})
+    missing = [n for n in names if not (folder / n).is_file()]
+    if names and len(missing) == len(names):
+        raise DataError(
+            f"none of the {len(names)} images the questions name is in {folder} (e.g. {missing[0]}); "
+            "is --images the right folder?"
+        )
+    if missing:
+        logger.warning(
+            "%d of %d question images are missing from %s (e.g. %s); their questions become error records",
+            len(missing),
+            len(names),
+            folder,
+            missing[0],
+        )
+
+
 def _summary(results: dict[str, Any] | None, out: Path) -> int:
     if results is None:  # not rank 0
         return 0
     print((out / "report.md").read_text(encoding="utf-8").split("\n![")[0])
+    for note in (results.get("method_stats") or {}).get("method_warnings", []):
+        print(f"WARNING: {note}", file=sys.stderr)
+    if results.get("limited"):
+        print(f"NOTE: --limit {results.get('limit')}: a partial run, not marked complete", file=sys.stderr)
     if results.get("n_errors"):
         print(
             f"WARNING: {results['n_errors']} samples failed and are excluded from the metrics; "
             f"see 'error' records in {out / 'samples.jsonl'}",
             file=sys.stderr,
         )
+        if results["n_errors"] >= results.get("n_samples", 0):
+            print("vlmfix: error: every sample failed; the metrics mean nothing", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import DataError
-from vlmfix.io import read_json
+from vlmfix.eval.bootstrap import BootstrapSpec, paired_differences
+from vlmfix.io import read_json, read_jsonl
 
 __all__ = [
     "write_results",
@@ -26,6 +27,7 @@ __all__ = [
     "plot_runs",
     "captions_html",
     "compare_runs",
+    "paired_comparison",
     "run_label",
 ]
 
@@ -35,7 +37,7 @@ RESULTS_FILE = "results.json"
 _POPE_COLS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 _POPE_COUNTS = ("tp", "fp", "tn", "fn", "unknown", "count", "n_errors")
 _CHAIR_COLS = ("CHAIR_s", "CHAIR_i", "Recall")
-_CHAIR_COUNTS = ("Len", "n_captions", "n_mentions", "n_hallucinated_mentions", "n_errors")
+_CHAIR_COUNTS = ("Len", "n_captions", "n_empty_captions", "n_mentions", "n_hallucinated_mentions", "n_errors")
 
 
 def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
@@ -67,6 +69,19 @@ def _pct(x: Any) -> str:
     return f"{100 * x:.1f}" if isinstance(x, int | float) else "-"
 
 
+def _pct_ci(x: Any, ci: Any) -> str:
+    """``45.4 [41.0, 49.8]`` (×100) when an interval is known, else the point value."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and isinstance(x, int | float):
+        return f"{100 * x:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return _pct(x)
+
+
+def _num_ci(x: Any, ci: Any) -> str:
+    if isinstance(ci, list | tuple) and len(ci) == 2 and isinstance(x, int | float):
+        return f"{x:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return _num(x)
+
+
 def _num(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.1f}"
@@ -80,14 +95,27 @@ def _table(results: dict[str, Any], label: str | None = None) -> list[str]:
     if results.get("task") == "pope":
         head = [*lead, "split", *(c.replace("_", "-") + " %" for c in _POPE_COLS), *_POPE_COUNTS]
         rows = [
-            [*first, split, *(_pct(m.get(c)) for c in _POPE_COLS), *(_num(m.get(c)) for c in _POPE_COUNTS)]
+            [
+                *first,
+                split,
+                *(_pct_ci(m.get(c), m.get("ci", {}).get(c)) for c in _POPE_COLS),
+                *(_num(m.get(c)) for c in _POPE_COUNTS),
+            ]
             for split, m in results.get("splits", {}).items()
         ]
-        rows.append([*first, "**mean F1**", "", "", "", _pct(results.get("mean_f1")), "", *[""] * len(_POPE_COUNTS)])
+        mean = _pct_ci(results.get("mean_f1"), results.get("mean_f1_ci"))
+        rows.append([*first, "**mean F1**", "", "", "", mean, "", *[""] * len(_POPE_COUNTS)])
     else:
         m = results.get("metrics", {})
+        ci = m.get("ci", {})
         head = [*lead, *(c.replace("_", "\\_") + " %" for c in _CHAIR_COLS), *_CHAIR_COUNTS]
-        rows = [[*first, *(_pct(m.get(c)) for c in _CHAIR_COLS), *(_num(m.get(c)) for c in _CHAIR_COUNTS)]]
+        rows = [
+            [
+                *first,
+                *(_pct_ci(m.get(c), ci.get(c)) for c in _CHAIR_COLS),
+                *(_num_ci(m.get(c), ci.get(c)) if c == "Len" else _num(m.get(c)) for c in _CHAIR_COUNTS),
+            ]
+        ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
@@ -104,7 +132,20 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
             "the metrics below cover only the samples that succeeded.",
             "",
         ]
+    n_empty = results.get("metrics", {}).get("n_empty_captions")
+    if n_empty:
+        lines += [
+            f"**{n_empty} empty captions** are counted as captions without mentions (see `empty` in samples.jsonl).",
+            "",
+        ]
     lines += _table(results)
+    boot = results.get("bootstrap")
+    if boot:
+        lines += [
+            "",
+            f"[brackets]: {100 * boot.get('level', 0.95):.0f}% {boot.get('method', 'bootstrap')} interval over "
+            f"{boot.get('n_units', '?')} images ({boot.get('n_resamples')} resamples, seed {boot.get('seed')}).",
+        ]
     lines += ["", f"![metrics]({plot.name})", "", "## Settings", ""]
     for key in ("model_id", "template", "parser", "normalizer", "metric_version", "seed", "generation"):
         if key in results:
@@ -215,14 +256,74 @@ body {{ font-family: sans-serif; margin: 2em; }} td {{ vertical-align: top; padd
     return path
 
 
-def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Put several run folders of one task into ``comparison.md`` and ``comparison.png``.
+def _unit_counts(run_dir: Path, results: dict[str, Any], splits: Sequence[str] | None = None):
+    """Per-image counts and metric function of a run, read back from its samples.jsonl."""
+    from vlmfix.eval.chair.scorer import chair_metric_fn, chair_unit_counts
+    from vlmfix.eval.pope.metrics import pope_metric_fn, pope_unit_counts
+
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no samples.jsonl; paired comparison needs the per-sample records")
+    records = list(read_jsonl(path, strict=False))
+    if results.get("task") == "pope":
+        units, counts = pope_unit_counts(records, splits or [])
+        return units, counts, pope_metric_fn(splits or [])
+    units, counts = chair_unit_counts(records)
+    return units, counts, chair_metric_fn
+
+
+def paired_comparison(
+    run_a: str | os.PathLike, run_b: str | os.PathLike, spec: BootstrapSpec | None = None
+) -> dict[str, Any]:
+    """Paired bootstrap of every metric of run B minus run A over the images both scored.
+
+    Returns:
+        :func:`vlmfix.eval.bootstrap.paired_differences`'s dict; POPE metric names are
+        ``<split>/<metric>`` (splits both runs hold) and ``mean_f1``.
+    """
+    res_a, res_b = load_results(run_a), load_results(run_b)
+    if res_a.get("task") != res_b.get("task"):
+        raise DataError(f"cannot compare runs of different tasks: {res_a.get('task')} vs {res_b.get('task')}")
+    splits = None
+    if res_a.get("task") == "pope":
+        splits = [s for s in res_a.get("splits", {}) if s in res_b.get("splits", {})]
+        if not splits:
+            raise DataError(f"{run_a} and {run_b} share no POPE split; compare runs on the same question files")
+    ua, ca, fn = _unit_counts(Path(run_a), res_a, splits)
+    ub, cb, _ = _unit_counts(Path(run_b), res_b, splits)
+    return paired_differences(ua, ca, ub, cb, fn, spec)
+
+
+def _diff_rows(label: str, diff: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, d in diff["metrics"].items():
+        scale = 1.0 if name.endswith("Len") else 100.0  # Len is tokens, the rest are shown ×100
+        shown = name.replace("_", "\\_")
+        lo, hi = (scale * x for x in d["ci"])
+        rows.append(
+            f"| {label} | {shown} | {scale * d['a']:.1f} | {scale * d['b']:.1f} | {scale * d['diff']:+.1f} | "
+            f"[{lo:+.1f}, {hi:+.1f}] | {'**yes**' if d['outside'] else 'no'} |"
+        )
+    return rows
+
+
+def compare_runs(
+    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, bootstrap: BootstrapSpec | None = None
+) -> Path:
+    """Put several run folders of one task into ``comparison.md``, ``comparison.json`` and
+    ``comparison.png``.
+
+    Every run after the first is compared with the first by a paired bootstrap over the
+    images both scored (:func:`paired_comparison`): the table gives each metric's
+    difference, its 95% interval and whether the difference is outside it (the interval
+    excludes 0).
 
     Returns:
         The path of ``comparison.md``.
     """
     if not run_dirs:
         raise DataError("compare_runs needs at least one run folder")
+    spec = bootstrap or BootstrapSpec()
     runs = [(run_label(load_results(d), Path(d).name), load_results(d)) for d in run_dirs]
     labels = [label for label, _ in runs]
     if len(set(labels)) != len(labels):  # same model and methods: tell them apart by folder
@@ -234,7 +335,35 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     for i, (label, res) in enumerate(runs):
         table = _table(res, label)
         lines += table if i == 0 else table[2:]
+    pairs: list[dict[str, Any]] = []
+    if len(runs) > 1:
+        base = runs[0][0]
+        lines += [
+            "",
+            f"## Differences from {base} (paired bootstrap)",
+            "",
+            f"Each run minus **{base}** on the images both scored; 95% percentile interval of the "
+            f"difference over {spec.n_resamples} paired resamples of images (seed {spec.seed}). "
+            "*Outside* = the interval excludes 0: the difference is larger than image sampling explains.",
+            "",
+            "| run | metric | baseline | run | difference | 95% interval | outside? |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for (label, _), d in zip(runs[1:], run_dirs[1:], strict=True):
+            diff = paired_comparison(run_dirs[0], d, spec)
+            pairs.append({"baseline": str(run_dirs[0]), "run": str(d), "label": label, **diff})
+            lines += _diff_rows(label, diff)
+        notes = [p for p in pairs if p["n_only_a"] or p["n_only_b"]]
+        for p in notes:
+            lines.append(
+                f"\nNote: {p['label']} pairs {p['n_shared_units']} images; {p['n_only_a']} only in the baseline "
+                f"and {p['n_only_b']} only in this run are left out of its differences."
+            )
     lines += ["", f"![comparison]({plot.name})", ""]
     path = out / "comparison.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = {"runs": [{"dir": str(d), "label": lab} for d, (lab, _) in zip(run_dirs, runs, strict=True)]}
+    summary["paired"] = pairs
+    summary["bootstrap"] = spec.to_dict()
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return path

@@ -2,7 +2,10 @@
 
 A run is a list of :class:`Sample` (a key, an image, a prompt). The loop
 
-- skips samples whose key already has a record in the output folder (resume);
+- skips samples whose key already has a record in the output folder (resume); error
+  records are retried unless ``retry_errors=False`` (the new record replaces the old);
+- holds :class:`vlmfix.io.OutputLock` on the folder (rank 0), so a second run on the
+  same folder is refused with the holder's PID instead of duplicating work;
 - takes every ``world_size``-th sample on each rank (``accelerate launch``; rank and
   world come from :class:`accelerate.PartialState`), so ranks never overlap;
 - loads images, calls ``generate_fn(images, prompts) -> texts`` batch by batch and
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError, DataError, StateError
-from vlmfix.io import JsonlWriter, read_jsonl
+from vlmfix.io import JsonlWriter, OutputLock, read_jsonl
 
 __all__ = [
     "Sample",
@@ -120,8 +123,9 @@ def check_run_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> None
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             old = None
-        if old is not None and old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        # A setting the stored config lacks was not recorded by the vlmfix that wrote it.
+        diff = sorted(k for k in config if old is not None and k in old and old[k] != config[k])
+        if old is not None and diff:
             raise ConfigError(
                 f"{out} holds samples made with different settings ({', '.join(diff)}); "
                 "resume with the same settings or choose a new --out folder"
@@ -138,12 +142,16 @@ def _rank_file(out: Path, rank: int) -> Path:
 
 
 def _existing_records(out: Path) -> dict[str, dict]:
+    """The record of every key on disk: the first good record, else the latest error
+    (a retried sample has its old error record and, later, its new record)."""
     recs: dict[str, dict] = {}
     for path in [out / SAMPLES_FILE, *sorted(out.glob("samples.rank*.jsonl"))]:
         if path.exists():
             for rec in read_jsonl(path, strict=False):
                 if "key" in rec:
-                    recs.setdefault(rec["key"], rec)
+                    old = recs.get(rec["key"])
+                    if old is None or "error" in old:
+                        recs[rec["key"]] = rec
     return recs
 
 
@@ -196,6 +204,7 @@ def run_samples(
     batch_size: int = 1,
     ctx: DistContext | None = None,
     progress: bool = False,
+    retry_errors: bool = True,
 ) -> list[dict] | None:
     """Run (or resume) ``samples`` and return every record in sample order.
 
@@ -209,6 +218,8 @@ def run_samples(
         batch_size: prompts per ``generate_fn`` call.
         ctx: distributed context (default: :func:`dist_context`).
         progress: show a tqdm bar.
+        retry_errors: run again the samples whose stored record is an error (a fixed
+            image folder, a repaired file); False keeps error records as final.
 
     Returns:
         On rank 0, the records (one per sample, in order; failed samples have an
@@ -216,6 +227,7 @@ def run_samples(
 
     Raises:
         DataError: repeated keys, or ``generate_fn`` returned the wrong number of texts.
+        StateError: another process is running on ``out_dir``.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -225,22 +237,36 @@ def run_samples(
     ctx = ctx or dist_context()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = _existing_records(out)
-    _check_same_inputs(out, samples, done)
-    mine = [s for i, s in enumerate(samples) if i % ctx.world_size == ctx.rank and s.key not in done]
-    if done:
-        logger.info("resuming: %d of %d samples already done", len(done.keys() & set(keys)), len(keys))
-    target = out / SAMPLES_FILE if ctx.world_size == 1 else _rank_file(out, ctx.rank)
-    with JsonlWriter(target) as writer:
-        _loop(mine, generate_fn, finish, writer, batch_size, progress and ctx.is_main)
-    ctx.barrier()  # every shard is written
-    if not ctx.is_main:
-        ctx.barrier()  # wait until rank 0 has merged, so a next run sees the merged file
-        return None
+    lock = OutputLock(out, folder=True) if ctx.is_main else None
+    if lock is not None:
+        lock.acquire()
     try:
-        return _merge(out, samples)
+        done = _existing_records(out)
+        _check_same_inputs(out, samples, done)
+        finished = {k for k, r in done.items() if "error" not in r or not retry_errors}
+        mine = [s for i, s in enumerate(samples) if i % ctx.world_size == ctx.rank and s.key not in finished]
+        if done:
+            retry = sum(1 for k in keys if k in done and k not in finished)
+            logger.info(
+                "resuming: %d of %d samples already done%s",
+                len(finished & set(keys)),
+                len(keys),
+                f", retrying {retry} error records" if retry else "",
+            )
+        target = out / SAMPLES_FILE if ctx.world_size == 1 else _rank_file(out, ctx.rank)
+        with JsonlWriter(target) as writer:
+            _loop(mine, generate_fn, finish, writer, batch_size, progress and ctx.is_main)
+        ctx.barrier()  # every shard is written
+        if not ctx.is_main:
+            ctx.barrier()  # wait until rank 0 has merged, so a next run sees the merged file
+            return None
+        try:
+            return _merge(out, samples)
+        finally:
+            ctx.barrier()
     finally:
-        ctx.barrier()
+        if lock is not None:
+            lock.release()
 
 
 def _loop(mine, generate_fn, finish, writer, batch_size, progress) -> None:

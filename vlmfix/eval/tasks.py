@@ -1,4 +1,5 @@
-"""Task presets in YAML (``configs/eval/*.yaml``) with ``include:`` for variants.
+"""Task presets in YAML (``vlmfix/configs/eval/*.yaml``, shipped inside the package) with
+``include:`` for variants.
 
 A preset is a flat mapping of CLI option names (``template``, ``parser``, ``split``,
 ``n_images``, ``max_new_tokens``, ...) to values. ``include: base.yaml`` (a path
@@ -9,15 +10,18 @@ so the three POPE splits are one base file plus three tiny files.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.io import read_text
 
 __all__ = ["load_task_config", "CONFIG_DIR"]
 
-#: Presets shipped in the repository.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+#: Presets shipped inside the package (found through importlib.resources, so a wheel
+#: install has them too).
+CONFIG_DIR = Path(str(resources.files("vlmfix") / "configs" / "eval"))
 
 
 def load_task_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def load_task_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     if p in _seen:
         raise ConfigError(f"include cycle: {' -> '.join(str(s) for s in (*_seen, p))}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: invalid YAML ({exc})") from None
     if not isinstance(data, dict):

@@ -9,7 +9,6 @@ Row statistics are computed beside the main pass from the last query row alone
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,9 +21,6 @@ PAD = 4  # vlmfix.layout.Label.PAD (not imported: this module stays free of vlmf
 IMAGE, IMAGE_SINK = 2, 3
 
 __all__ = ["attention", "expand_kv", "as_bool_mask", "execute", "row_stats", "visible_mask"]
-
-ScoreMod = Callable[[torch.Tensor], torch.Tensor]
-
 
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[B, Hkv, T, D]`` -> ``[B, Hkv * n_rep, T, D]`` (grouped-query attention)."""
@@ -53,11 +49,10 @@ def attention(
     mask: torch.Tensor | None,
     scaling: float,
     *,
-    score_mods: list[ScoreMod] = (),
-    prob_mods: list[ScoreMod] = (),
     explicit: bool = False,
+    guarded: bool = False,
 ) -> torch.Tensor:
-    """Attention with optional pre- and post-softmax edits.
+    """Plain attention (no edits).
 
     Args:
         query: ``[B, H, Tq, D]``.
@@ -66,23 +61,21 @@ def attention(
             means plain causal attention with the queries at the end of the keys (no
             padding), which lets plain attention use flash kernels.
         scaling: score scale (usually ``D ** -0.5``).
-        score_mods: functions ``scores[B,H,Tq,Tk] (fp32, before masking) -> scores``
-            applied in order before the softmax.
-        prob_mods: functions ``probs[B,H,Tq,Tk] (fp32) -> probs`` applied after it.
-        explicit: force the explicit softmax path even with no edits (for testing).
+        explicit: compute the softmax explicitly in fp32 (for testing the fast path).
+        guarded: ``mask`` already lets every row see at least one key.
 
     Returns:
-        ``[B, H, Tq, D]`` in the query's dtype. Rows with no visible key give zeros.
+        ``[B, H, Tq, D]`` in the query's dtype.
     """
     n_rep = query.shape[1] // key.shape[1]
     q_len, k_len = query.shape[2], key.shape[2]
-    if mask is not None:
+    if mask is not None and not guarded:
         # A query row that may attend nothing (a left-pad position) would give NaN, and
         # NaN values would leak into real rows through P @ V. Let such rows see every
         # key: their outputs are never used, and everything stays finite. (No host sync.)
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    if not (score_mods or prob_mods or explicit):
-        k, v = expand_kv(key, n_rep), expand_kv(value, n_rep)
+    k, v = expand_kv(key, n_rep), expand_kv(value, n_rep)
+    if not explicit:
         if mask is None and q_len == 1:  # decode without padding: every key is visible
             return F.scaled_dot_product_attention(query, k, v, scale=scaling)
         if mask is None and q_len == k_len:  # prefill without padding: flash-eligible
@@ -92,16 +85,9 @@ def attention(
         return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
     if mask is None:
         mask = as_bool_mask(None, q_len, k_len, query.device)
-    k = expand_kv(key, n_rep).float()
-    v = expand_kv(value, n_rep).float()
-    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
-    for mod in score_mods:
-        scores = mod(scores)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    for mod in prob_mods:
-        probs = mod(probs)
-    return torch.matmul(probs, v).to(query.dtype)
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(probs, v.float()).to(query.dtype)
 
 
 def visible_mask(labels: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -135,20 +121,21 @@ def row_stats(query, key, value, visible_row: torch.Tensor, labels: torch.Tensor
 
 
 def _reweight(probs: torch.Tensor, labels: torch.Tensor, rw) -> tuple[torch.Tensor, torch.Tensor]:
-    sink = labels == IMAGE_SINK
-    image = (labels == IMAGE) | sink
-    weights = torch.stack((image, sink), dim=-1).to(probs.dtype)[:, None]  # [B, 1, Tk, 2]
+    weights = rw.weights
+    if weights is None:
+        sink = labels == IMAGE_SINK
+        weights = torch.stack(((labels == IMAGE) | sink, sink), dim=-1).to(probs.dtype)[:, None]  # [B, 1, Tk, 2]
     masses = torch.matmul(probs, weights)  # [B, H, Tq, 2]: image mass, sink mass
-    p_img, p_sink = masses[..., 0], masses[..., 1]
+    p_img, p_sink = masses.unbind(-1)
     p_rest = p_img - p_sink
     selected = (p_img >= rw.min_mass) & (p_sink > 0) & (p_sink <= rw.rho * p_img) & (p_rest > 0)
     selected = selected & rw.rows[:, None, :]
-    # factor = p on sinks, 1 + (1 - p) P_sink / P_rest on the other image keys, 1 elsewhere
+    # factor - 1 = gain on every image key + (p - 1 - gain) on sinks, where
+    # gain = (1 - p) P_sink / P_rest (so sinks get p, other image keys 1 + gain, text 1)
     gain = torch.where(selected, (1 - rw.p) * p_sink / p_rest.clamp_min(torch.finfo(probs.dtype).tiny), 0.0)
-    drop = selected.to(probs.dtype) * (rw.p - 1)
-    rest = weights[..., 0] - weights[..., 1]  # [B, 1, Tk]
-    factor = 1 + drop[..., None] * weights[..., 1][:, :, None] + gain[..., None] * rest[:, :, None]
-    return probs * factor, selected
+    drop = torch.where(selected, rw.p - 1 - gain, 0.0)
+    delta = torch.matmul(torch.stack((gain, drop), dim=-1), weights.transpose(-1, -2))  # [B, H, Tq, Tk]
+    return probs.addcmul(probs, delta), selected
 
 
 def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[torch.Tensor, PlanResult]:
@@ -171,7 +158,7 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         vis_row = mask[:, 0, -1].expand(plan.labels.shape[0], -1) if mask is not None else plan.labels != PAD
         result.row_stats = row_stats(query, key, value, vis_row, plan.labels, scaling)
     if plan.score_coef is None and plan.reweight is None:
-        out = attention(query, key, value, None if plan.plain_causal else mask, scaling)
+        out = attention(query, key, value, None if plan.plain_causal else mask, scaling, guarded=True)
     else:
         n_rep = query.shape[1] // key.shape[1]
         q_len, k_len = query.shape[2], key.shape[2]

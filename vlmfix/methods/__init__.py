@@ -10,15 +10,35 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.io import read_text
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
-__all__ = ["Method", "MethodConfig", "help_field", "register", "get", "available", "from_yaml", "parse", "build_config"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "help_field",
+    "register",
+    "get",
+    "available",
+    "from_yaml",
+    "parse",
+    "build_config",
+    "PRESET_DIR",
+    "presets",
+]
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
+
+#: Paper-default presets shipped inside the package (``vlmfix/configs/methods``).
+PRESET_DIR = Path(str(resources.files("vlmfix") / "configs" / "methods"))
+
+logger = logging.getLogger(__name__)
 
 
 def register(config_cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -63,8 +83,13 @@ def build_config(name: str, overrides: dict[str, Any] | None = None) -> MethodCo
     return cls.from_dict(dict(overrides or {}))
 
 
+def presets() -> list[str]:
+    """Names of the shipped method presets (``vlmfix.methods.from_yaml("vcd")``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
 def from_yaml(path: str | Path) -> list[MethodConfig]:
-    """Load method configs from a YAML preset.
+    """Load method configs from a YAML preset file, or a shipped preset by name.
 
     The file holds one mapping with a ``name`` key, or a list of them, or
     ``{"methods": [...]}``; other keys are the method's options.
@@ -72,10 +97,15 @@ def from_yaml(path: str | Path) -> list[MethodConfig]:
     import yaml
 
     path = Path(path)
+    if not path.exists() and not path.suffix and (PRESET_DIR / f"{path}.yaml").is_file():
+        path = PRESET_DIR / f"{path}.yaml"
     if not path.exists():
-        raise ConfigError(f"method config file {str(path)!r} does not exist")
+        raise ConfigError(
+            f"method config file {str(path)!r} does not exist; give a YAML file or a shipped preset "
+            f"({', '.join(presets())})"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if isinstance(data, dict) and "methods" in data:
@@ -95,36 +125,71 @@ def parse(names: list[str] | None = None, configs: list[str] | None = None) -> l
         configs: each a YAML file path or ``key=value`` / ``method.key=value`` overrides.
             A bare ``key=value`` applies to the single named method.
 
+    A method named with ``--method`` that a preset file also holds is applied once:
+    the preset's values, then the ``KEY=VALUE`` overrides, with a warning. A method
+    given twice otherwise (twice by name, or by two presets) is refused: applying a
+    method twice is never what a user means.
+
     Returns:
-        One config per method, in the given order.
+        One config per method, in the given order (named methods, then presets).
+
+    Raises:
+        ConfigError: unknown method or option, a wrongly typed value, or a method given twice.
     """
     names = list(names or [])
-    overrides: dict[str, dict[str, Any]] = {n.lower(): {} for n in names}
-    from_files: list[MethodConfig] = []
+    lowered = [n.strip().lower() for n in names]
+    twice = sorted({n for n in lowered if lowered.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--method {twice[0]} is given more than once; a method is applied once, name it once")
+    overrides: dict[str, dict[str, Any]] = {n: {} for n in lowered}
+    from_files: list[tuple[str, MethodConfig]] = []
     for spec in configs or []:
         if "=" not in spec:
-            from_files.extend(from_yaml(spec))
+            for cfg in from_yaml(spec):
+                earlier = next((src for src, c in from_files if c.name == cfg.name), None)
+                if earlier is not None:
+                    raise ConfigError(
+                        f"method {cfg.name!r} is in two presets ({earlier} and {spec}); keep one of them"
+                    )
+                from_files.append((spec, cfg))
             continue
         key, value = spec.split("=", 1)
         if "." in key:
             method, key = key.split(".", 1)
-            method = method.lower()
+            method = method.strip().lower()
         elif len(names) == 1:
-            method = names[0].lower()
+            method = lowered[0]
         else:
             raise ConfigError(f"--method-config {spec!r}: with {len(names)} methods, write METHOD.{key}={value}")
         if method not in overrides:
             raise ConfigError(f"--method-config {spec!r} names method {method!r}, which is not selected with --method")
         overrides[method][key.strip()] = _coerce(value)
-    out = [build_config(n, overrides[n.lower()]) for n in names]
-    return out + from_files
+    out = []
+    for n in lowered:
+        preset = next(((src, c) for src, c in from_files if c.name == get(n).name), None)
+        if preset is None:
+            out.append(build_config(n, overrides[n]))
+            continue
+        src, cfg = preset
+        from_files.remove(preset)
+        logger.warning(
+            "method %r is given by --method and by the preset %s: applying it once, with the preset's "
+            "values and the --method-config overrides %s",
+            cfg.name,
+            src,
+            overrides[n] or "(none)",
+        )
+        out.append(build_config(n, {**{k: v for k, v in cfg.to_dict().items() if k != "name"}, **overrides[n]}))
+    return out + [c for _, c in from_files]
 
 
 # Built-in methods register themselves on import.
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
 from vlmfix.methods import fastv as _fastv  # noqa: E402,F401
+from vlmfix.methods import deco as _deco  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
+from vlmfix.methods import lol as _lol  # noqa: E402,F401
 from vlmfix.methods import m3id as _m3id  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
@@ -137,3 +202,8 @@ from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
 from vlmfix.methods import visionzip as _visionzip  # noqa: E402,F401
+from vlmfix.methods import rbd as _rbd  # noqa: E402,F401
+from vlmfix.methods import var as _var  # noqa: E402,F401
+from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
+from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
+from vlmfix.methods import vista as _vista  # noqa: E402,F401

@@ -87,8 +87,9 @@ class AvisCMethod(Method):
         # head-averaged last-row attention (unedited scores, every non-pad key visible)
         probs = result.row_stats.probs.mean(1)  # [B, Tk]
         image = call.layout.image_mask
-        self._image_mask = image
-        self._attn[call.layer_idx] = probs * image
+        main = call.controller.rows.main_rows  # other methods' probe-only rows may follow the main rows
+        self._image_mask = image[main]
+        self._attn[call.layer_idx] = (probs * image)[main]
 
     def _blind(self) -> torch.Tensor:
         """Bool ``[B, L]``: image tokens to zero in the contrast row (the non-blind ones)."""

@@ -72,10 +72,9 @@ class MethodConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown} for method {cls.name!r}; valid options: {sorted(known)}")
+        hints = _field_types(cls)
         for key, value in list(data.items()):
-            default = known[key].default
-            if isinstance(default, tuple) and isinstance(value, list):
-                data[key] = tuple(value)
+            data[key] = _check_type(cls.name, key, value, hints.get(key), known[key].default)
         return cls(**data)
 
     @classmethod
@@ -93,6 +92,79 @@ class MethodConfig:
             raise ConfigError(
                 f"{self.name}: {field_name}={getattr(self, field_name)!r} is invalid; it must be {requirement}"
             )
+
+
+def _field_types(cls) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation: leave the checks to __post_init__
+        return {}
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_type(method: str, key: str, value: Any, hint: Any, default: Any) -> Any:
+    """Return ``value`` as field type ``hint`` wants it (int -> float, list -> tuple), or
+    raise :class:`ConfigError` naming the option, the value and what it takes.
+
+    YAML and ``KEY=VALUE`` overrides arrive typed by YAML, so ``alpha=abc`` (a string),
+    ``alpha=true`` (a bool) and ``disturbance=123`` (a number) are caught here instead
+    of being recorded or failing deep inside a forward.
+    """
+    import types
+    import typing
+
+    if hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_type(method, key, value, option, default)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"{method}: {key}={value!r} is invalid")
+    ok: Any = _MISSING
+    if origin is tuple:
+        args = typing.get_args(hint)
+        item = args[0] if args else None
+        if isinstance(value, (list, tuple)):
+            ok = tuple(_check_type(method, f"{key}[{i}]", v, item, None) for i, v in enumerate(value))
+    elif hint is bool:
+        ok = value if isinstance(value, bool) else _MISSING
+    elif hint is int:
+        ok = value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
+    elif hint is float:
+        ok = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISSING
+    elif hint is str:
+        ok = value if isinstance(value, str) else _MISSING
+    else:
+        return value
+    if ok is _MISSING:
+        if origin is tuple:
+            wanted = f"a list of {_type_name(typing.get_args(hint)[0])}s"
+        else:
+            wanted = ("an " if _type_name(hint)[0] in "aeiou" else "a ") + _type_name(hint)
+        quote = " (quote text that looks like a number or a bool, e.g. KEY='123')" if hint is str else ""
+        example = f"; e.g. {key}={list(default) if isinstance(default, tuple) else default!r}" if default not in (
+            None,
+            dataclasses.MISSING,
+        ) else ""
+        raise ConfigError(
+            f"{method}: {key}={value!r} ({type(value).__name__}) is invalid; {key} takes {wanted}{quote}{example}"
+        )
+    return ok
+
+
+_MISSING = object()
 
 
 class Method:

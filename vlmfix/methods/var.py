@@ -144,6 +144,7 @@ class VARRuntime(Method):
         self._rows_total = 0
         self._rows_selected = 0
         self._sinks: dict[int, torch.Tensor] = {}
+        self._decode_rows: dict = {}  # id -> [device count of samples with an image, host row-heads]
         self._dims_seen: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ setup
@@ -194,6 +195,10 @@ class VARRuntime(Method):
         """Write per-position sink flags of layer ``idx`` into its ``[B, capacity]`` buffer:
         every position at a prefill, the new positions at a decode step (no growth, no sync)."""
         ctrl = self.handle.controller
+        if not ctrl.is_prefill:
+            # A decode step adds generated (text) tokens; VAR moves mass only from image
+            # sinks, all known since the prefill, so there is nothing to measure per step.
+            return
         state = ctrl.layer_state(idx)
         h = rms_normalise(x, RMS_EPS)  # [B, T, E]
         B, T, _ = h.shape
@@ -234,33 +239,60 @@ class VARRuntime(Method):
     def contribute(self, call, plan) -> None:
         if call.layer_idx not in self.layers:
             return
-        buf = call.controller.layer_state(call.layer_idx).get("var_sink")
-        if buf is None or buf.shape[1] < call.k_len:
-            return
-        layout = call.layout
-        sink = buf[:, : call.k_len]
-        # Sink overlay: TEXT -> TEXT_SINK, IMAGE -> IMAGE_SINK (labels + 1), PAD stays.
-        plan.labels = plan.labels + (sink & (plan.labels != Label.PAD)).to(plan.labels.dtype)
-        end = layout.image_end
-        if call.is_prefill:
-            first = call.k_len - call.q_len
-            qidx = torch.arange(first, call.k_len, device=end.device)
-            after = (qidx[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
-            self._sinks[call.layer_idx] = (sink & layout.image_mask).sum()  # device: read in stats()
-        else:
-            after = (end >= 0)[:, None].expand(-1, call.q_len)  # decode rows follow the image
+        state = call.controller.layer_state(call.layer_idx)
         c = self.config
-        plan.set_reweight(Reweight(rows=after, p=float(c.p), rho=float(c.rho), min_mass=float(c.min_image_mass)))
+        if call.is_prefill:
+            buf = state.get("var_sink")
+            if buf is None or buf.shape[1] < call.k_len:
+                return
+            self._prepare(state, call)
+            first = call.k_len - call.q_len
+            end = call.layout.image_end
+            qidx = torch.arange(first, call.k_len, device=end.device)
+            rows = (qidx[None, :] >= end[:, None]) & (end[:, None] >= 0)  # [B, Tq]
+            self._rows_total = self._rows_total + rows.sum() * call.num_heads
+        else:
+            if "var_labels" not in state or state["var_labels"].shape[1] < call.k_len:
+                return
+            rows = state["var_rows"].expand(-1, call.q_len)  # decode rows follow the image
+            self._decode_rows[id(call.layout.image_end)][1] += call.q_len * call.num_heads
+        # Per-layer views of buffers prepared at the prefill: no work per decode step.
+        plan.labels = state["var_labels"][:, : call.k_len]
+        weights = state["var_weights"][:, :, : call.k_len]
+        plan.set_reweight(Reweight(rows, float(c.p), float(c.rho), float(c.min_image_mass), weights))
+
+    def _prepare(self, state: dict, call) -> None:
+        """At a prefill, per layer: the sink-overlaid labels (TEXT -> TEXT_SINK, IMAGE ->
+        IMAGE_SINK; PAD stays) and the reweighting weights ``[B, 1, capacity, 2]`` (image,
+        image sink), over the layout's whole capacity. Generated positions are text."""
+        layout = call.layout
+        base = layout.buffers[0].clone()
+        base[:, layout.length :] = Label.TEXT
+        cap = base.shape[1]
+        sink = torch.zeros_like(base, dtype=torch.bool)
+        n = min(cap, state["var_sink"].shape[1])
+        sink[:, :n] = state["var_sink"][:, :n]
+        sink[:, layout.length :] = False
+        labels = base + (sink & (base != Label.PAD)).to(base.dtype)
+        image_sink = labels == Label.IMAGE_SINK
+        image = (labels == Label.IMAGE) | image_sink
+        state["var_labels"] = labels
+        state["var_weights"] = torch.stack((image, image_sink), dim=-1).float()[:, None]
+        state["var_rows"] = (layout.image_end >= 0)[:, None]
+        key = id(layout.image_end)  # one entry per sequence, shared by its layers
+        if key not in self._decode_rows:
+            self._decode_rows[key] = [state["var_rows"].sum(), 0]
+        self._sinks[call.layer_idx] = image_sink.sum()  # device: read in stats()
 
     def observe(self, call, plan, result) -> None:
         if plan.reweight is None or result.selected is None or call.layer_idx not in self.layers:
             return
-        # device-side counters: no host sync per layer; stats() reads them once
-        self._rows_total = self._rows_total + plan.reweight.rows.sum() * call.num_heads
+        # device-side counter: no host sync per layer; stats() reads it once
         self._rows_selected = self._rows_selected + result.selected.sum()
 
     def stats(self) -> dict[str, Any]:
-        total, selected = int(self._rows_total), int(self._rows_selected)
+        total = int(self._rows_total) + sum(int(n) * k for n, k in self._decode_rows.values())
+        selected = int(self._rows_selected)
         return {
             "layers": sorted(self.layers),
             "dims": {str(k): v for k, v in sorted(self._dims_seen.items())},
@@ -269,4 +301,15 @@ class VARRuntime(Method):
             "rows_considered": total,
             "rows_redistributed": selected,
             "rows_redistributed_fraction": selected / total if total else 0.0,
+            **self._no_effect(selected),
+        }
+
+    def _no_effect(self, selected: int) -> dict[str, str]:
+        """A ``no_effect`` note when no sink was found in any layer (results records flag it)."""
+        sinks = [int(v) for v in self._sinks.values()]
+        if selected or not sinks or any(sinks):
+            return {}
+        return {
+            "no_effect": f"0 sink tokens in every edited layer (tau={self.config.tau}), so VAR changed nothing; "
+            "pass a smaller tau for this model (see the attach warning)"
         }

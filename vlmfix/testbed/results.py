@@ -1,8 +1,12 @@
 """Every method on every testbed variant: POPE, CHAIR and partner hallucination.
 
-One command writes ``docs/results.md`` (table + reading aids) and a plot::
+One command evaluates and writes a run folder (``rows.json``, ``results.png`` and the
+table in ``results.md``; default ``runs/testbed-results``)::
 
-    python -m vlmfix.testbed.results --out docs/results --n 200
+    python -m vlmfix.testbed.results --out runs/testbed-results --n 200
+
+Regenerating the documentation is an explicit choice: ``--update-docs`` writes
+``docs/results/`` and the table block of ``docs/results.md`` instead.
 
 For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``) and each
 registered method (paper defaults), on held-out ``clean``-world scenes of a seed that
@@ -27,12 +31,13 @@ import argparse
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from vlmfix.errors import ConfigError
+from vlmfix.errors import ConfigError, VlmfixError
 
 logger = logging.getLogger(__name__)
 
@@ -237,14 +242,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    import vlmfix
-    from vlmfix import testbed
+DEFAULT_OUT = "runs/testbed-results"
+DOCS_OUT, DOCS_MARKDOWN = "docs/results", "docs/results.md"
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmfix.testbed.results", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/results", help="folder for rows.json and the plot")
-    parser.add_argument("--markdown", default="docs/results.md", help="where to write the table")
-    parser.add_argument("--n", type=int, default=200, help="scenes per split (default 200)")
+    parser.add_argument(
+        "--out", default=None, help=f"run folder for rows.json, the plot and results.md (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument("--markdown", default=None, help="where to write the table (default: OUT/results.md)")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help=f"regenerate the documentation: --out {DOCS_OUT} and --markdown {DOCS_MARKDOWN}",
+    )
+    parser.add_argument("--n", type=int, default=200, help="scenes per split (default 200, at least 3)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--variants", nargs="*", default=None, help="default: every shipped variant")
     parser.add_argument(
@@ -259,14 +272,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     if args.n < 3:
-        raise ConfigError(f"--n {args.n} must be >= 3")
+        parser.error(f"--n {args.n} must be >= 3 (each split needs positives and negatives)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size} must be >= 1")
+    if args.update_docs:
+        if args.out is not None or args.markdown is not None:
+            parser.error("--update-docs sets --out and --markdown itself; give either, not both")
+        args.out, args.markdown = DOCS_OUT, DOCS_MARKDOWN
+    args.out = args.out or DEFAULT_OUT
+    args.markdown = args.markdown or str(Path(args.out) / "results.md")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except VlmfixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import vlmfix
+    from vlmfix import testbed
+
     variants = args.variants or testbed.available_variants()
     methods = args.methods or vlmfix.methods.available()
+    for spec in methods:
+        parse_method_spec(spec)  # every spec checked before hours of evaluation
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     if args.from_rows:
+        if not (out / "rows.json").is_file():
+            raise ConfigError(f"--from-rows: {out / 'rows.json'} does not exist; run without --from-rows first")
         args.append, variants, methods = True, [], []
     with tempfile.TemporaryDirectory() as tmp:
         splits = _write_splits(Path(tmp) / "scenes", args.n, args.seed) if variants else {}
@@ -287,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "results.png")
     table = markdown_table(rows)
     md = Path(args.markdown)
+    md.parent.mkdir(parents=True, exist_ok=True)
     text = md.read_text() if md.exists() else ""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     block = f"{start}\n{table}\n{end}"
@@ -296,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text + ("\n" if text else "") + block + "\n"
     md.write_text(text)
     print(table)
+    print(f"wrote {out / 'rows.json'}, {out / 'results.png'} and {md}", file=sys.stderr)
     return 0
 
 

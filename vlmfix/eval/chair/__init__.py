@@ -21,21 +21,32 @@ from vlmfix.eval.chair.scorer import (
     CaptionScore,
     Mention,
     categories_in,
+    chair_intervals,
     chair_metrics,
     extract_mentions,
     merged_tokens,
     score_caption,
 )
-from vlmfix.eval.chair.task import DEFAULT_PROMPT, caption_samples, image_samples, run_chair
+from vlmfix.eval.chair.task import DEDUPE_CHOICES, DEFAULT_PROMPT, caption_samples, image_samples, run_chair
 from vlmfix.eval.chair.text import singularize, tokenize
-from vlmfix.eval.chair.vocab import COCO_CATEGORIES, PHRASES, SYNONYMS, category_of
+from vlmfix.eval.chair.vocab import (
+    COCO_CATEGORIES,
+    NON_OBJECT_COMPOUNDS,
+    PHRASES,
+    POSSESSIVE_COMPOUNDS,
+    SYNONYMS,
+    category_of,
+)
 
 __all__ = [
     "CHAIR_METRIC_VERSION",
     "COCO_CATEGORIES",
     "DEFAULT_NORMALIZER",
+    "DEDUPE_CHOICES",
+    "NON_OBJECT_COMPOUNDS",
     "NORMALIZERS",
     "PHRASES",
+    "POSSESSIVE_COMPOUNDS",
     "SYNONYMS",
     "DEFAULT_PROMPT",
     "CaptionScore",
@@ -43,6 +54,7 @@ __all__ = [
     "Mention",
     "caption_samples",
     "categories_in",
+    "chair_intervals",
     "category_of",
     "chair_metrics",
     "extract_mentions",

@@ -69,17 +69,29 @@ class GroundTruth:
         return iid
 
 
+_COCO_NAME = re.compile(r"^(?:COCO_[A-Za-z]+\d{4}_)?(\d+)$")
+
+
 def image_id_from_path(path: str | os.PathLike) -> int:
-    """Return the COCO image id encoded in a file name (its last run of digits).
+    """Return the COCO image id of a COCO-style file name.
+
+    Only ``COCO_<split><year>_<digits>`` (COCO 2014) and all-digit names (COCO 2017,
+    ``000000310196.jpg``) carry an id. Other names (``IMG_0009.jpg``) are refused rather
+    than read as an id from their digits; map them with annotations whose ``file_name``
+    lists them, or give ``image_id`` in the captions file.
 
     Example:
         >>> image_id_from_path("val2014/COCO_val2014_000000310196.jpg")
         310196
     """
-    digits = re.findall(r"\d+", Path(path).stem)
-    if not digits:
-        raise DataError(f"cannot read an image id from file name {str(path)!r}; give image_id")
-    return int(digits[-1])
+    m = _COCO_NAME.match(Path(path).stem)
+    if m is None:
+        raise DataError(
+            f"cannot read an image id from file name {Path(path).name!r}: not a COCO-style name "
+            "(COCO_val2014_000000310196.jpg or 000000310196.jpg); give image_id, or annotations whose "
+            "file_name lists this file"
+        )
+    return int(m.group(1))
 
 
 def load_ground_truth(source: str | os.PathLike, normalizer: str = DEFAULT_NORMALIZER) -> GroundTruth:

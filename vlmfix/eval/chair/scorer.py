@@ -20,7 +20,11 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vlmfix.errors import ConfigError
+from vlmfix.eval.bootstrap import BootstrapSpec, bootstrap_intervals, group_counts, safe_div
+from vlmfix.eval.chair.rules import is_name_part, is_unit, verb_reading_allowed
 from vlmfix.eval.chair.text import Token, singularize, tokenize, verb_base_candidates
 from vlmfix.eval.chair.vocab import PHRASES, WORD_TO_CATEGORY
 
@@ -36,12 +40,16 @@ __all__ = [
     "DEFAULT_NORMALIZER",
     "categories_in",
     "check_normalizer",
+    "CHAIR_RATIOS",
+    "chair_unit_counts",
+    "chair_metric_fn",
+    "chair_intervals",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever tokenizer, normalizer, vocabulary or metric definitions change.
-CHAIR_METRIC_VERSION = "vlmfix-chair-1"
+CHAIR_METRIC_VERSION = "vlmfix-chair-2"
 
 #: Normalizer names.
 #: ``lemma`` (default): plural nouns -> singular, and ``-ed``/``-ing`` forms of object
@@ -100,17 +108,21 @@ def check_normalizer(name: str) -> str:
     return name
 
 
-def _normalize(word: str, normalizer: str) -> str:
+def _normalize(tokens: list[Token], i: int, normalizer: str) -> str:
+    word = tokens[i].text
     norm = singularize(word)
-    if normalizer == "lemma" and norm not in WORD_TO_CATEGORY:
+    if normalizer == "lemma" and norm not in WORD_TO_CATEGORY and verb_reading_allowed(tokens, i):
         for base in verb_base_candidates(norm):
             if base in WORD_TO_CATEGORY:
                 return base
     return norm
 
 
+_MAX_PHRASE = max(len(k.split(" ")) for k in PHRASES)
+
+
 def merged_tokens(caption: str, normalizer: str = DEFAULT_NORMALIZER) -> list[Token]:
-    """Tokenize, normalize and merge two-word phrases.
+    """Tokenize, normalize and merge multi-word phrases (longest first).
 
     Args:
         caption: the caption.
@@ -121,23 +133,28 @@ def merged_tokens(caption: str, normalizer: str = DEFAULT_NORMALIZER) -> list[To
         covers the original words. ``len(merged_tokens(c))`` is CHAIR's Len for ``c``.
     """
     check_normalizer(normalizer)
-    norm = [Token(_normalize(t.text, normalizer), t.start, t.end) for t in tokenize(caption)]
+    raw = tokenize(caption)
+    norm = [Token(_normalize(raw, i, normalizer), t.start, t.end) for i, t in enumerate(raw)]
     out: list[Token] = []
     i = 0
     while i < len(norm):
-        if i + 1 < len(norm):
-            merged = PHRASES.get(f"{norm[i].text} {norm[i + 1].text}")
+        for n in range(min(_MAX_PHRASE, len(norm) - i), 1, -1):
+            merged = PHRASES.get(" ".join(t.text for t in norm[i : i + n]))
             if merged is not None:
-                out.append(Token(merged, norm[i].start, norm[i + 1].end))
-                i += 2
-                continue
-        out.append(norm[i])
-        i += 1
+                out.append(Token(merged, norm[i].start, norm[i + n - 1].end))
+                i += n
+                break
+        else:
+            out.append(norm[i])
+            i += 1
     return out
 
 
 def extract_mentions(caption: str, normalizer: str = DEFAULT_NORMALIZER) -> tuple[list[Mention], int]:
     """Return the COCO object mentions of a caption (repeats kept) and its Len.
+
+    A vocabulary word is not a mention when it is a unit after a number ("5.5 meters")
+    or part of a capitalized name ("Hello Kitty"); see :mod:`vlmfix.eval.chair.rules`.
 
     Example:
         >>> ms, n = extract_mentions("Two men eat hot dogs at a table.")
@@ -145,7 +162,11 @@ def extract_mentions(caption: str, normalizer: str = DEFAULT_NORMALIZER) -> tupl
         ([('man', 'person'), ('hot dog', 'hot dog'), ('table', 'dining table')], 8)
     """
     tokens = merged_tokens(caption, normalizer)
-    mentions = [Mention(t.text, WORD_TO_CATEGORY[t.text], t.start, t.end) for t in tokens if t.text in WORD_TO_CATEGORY]
+    mentions = [
+        Mention(t.text, WORD_TO_CATEGORY[t.text], t.start, t.end)
+        for i, t in enumerate(tokens)
+        if t.text in WORD_TO_CATEGORY and not is_unit(tokens, i) and not is_name_part(tokens, i, caption)
+    ]
     present = {m.category for m in mentions}
     mentions = [m for m in mentions if _PART_OF.get(m.word) not in present]
     return mentions, len(tokens)
@@ -160,7 +181,7 @@ def score_caption(caption: str, ground_truth: Iterable[str], normalizer: str = D
     """Score one caption against the COCO categories present in its image.
 
     Args:
-        caption: the generated caption (non-empty).
+        caption: the generated caption (an empty one has no tokens and no mentions).
         ground_truth: COCO category names present in the image.
         normalizer: one of :data:`NORMALIZERS`.
 
@@ -209,6 +230,56 @@ def chair_metrics(scores: Iterable[CaptionScore | dict]) -> dict:
         "n_found_objects": n_found,
         "n_tokens": n_tokens,
     }
+
+
+#: The ratio metrics that carry a bootstrap interval (Len is a mean, it gets one too).
+CHAIR_RATIOS = ("CHAIR_s", "CHAIR_i", "Recall", "Len")
+
+
+def _count_vector(d: dict) -> list[int]:
+    # captions, hallucinated captions, mentions, hallucinated mentions, GT objects, found, tokens
+    return [
+        1,
+        bool(d["hallucinated"]),
+        len(d["mentions"]),
+        len(d["hallucinated"]),
+        len(d["ground_truth"]),
+        len(d["found"]),
+        d["n_tokens"],
+    ]
+
+
+def chair_unit_counts(records: Iterable[dict]) -> tuple[list, np.ndarray]:
+    """Per-image CHAIR counts for the bootstrap: ``(image ids, [images, 7] counts)``.
+
+    Records are scored captions (``CaptionScore.to_dict()`` plus ``image_id``); error
+    records are skipped. Several captions of one image are one unit.
+    """
+    ok = [r for r in records if "error" not in r]
+    return group_counts(ok, lambda r: r.get("image_id", r.get("key")), _count_vector)
+
+
+def chair_metric_fn(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised CHAIR metrics for :mod:`vlmfix.eval.bootstrap`: ``[R, 7]`` -> ``{metric: [R]}``."""
+    caps, hall_caps, mentions, hall, gt, found, tokens = (totals[:, j] for j in range(7))
+    return {
+        "CHAIR_s": safe_div(hall_caps, caps),
+        "CHAIR_i": safe_div(hall, mentions),
+        "Recall": safe_div(found, gt),
+        "Len": safe_div(tokens, caps),
+    }
+
+
+def chair_intervals(records: Iterable[dict], spec: BootstrapSpec | None = None) -> tuple[dict[str, list[float]], int]:
+    """Bootstrap intervals of CHAIR_s, CHAIR_i, Recall and Len over images.
+
+    Returns:
+        ``({metric: [low, high]}, n_images)``.
+    """
+    images, counts = chair_unit_counts(records)
+    if not images:
+        counts = np.zeros((0, 7))
+    return bootstrap_intervals(counts, chair_metric_fn, spec), len(images)
 
 
 def _ratio(num: int, den: int, name: str, what: str) -> float:

@@ -10,21 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError, DataError
+from vlmfix.eval.bootstrap import BootstrapSpec
 from vlmfix.eval.chair.ground_truth import GroundTruth
 from vlmfix.eval.chair.scorer import (
     CHAIR_METRIC_VERSION,
     DEFAULT_NORMALIZER,
+    chair_intervals,
     chair_metrics,
     check_normalizer,
     score_caption,
 )
+from vlmfix.eval.records import read_records
 from vlmfix.eval.report import captions_html, write_report, write_results
 from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, run_samples
-from vlmfix.io import read_jsonl
 
 __all__ = [
     "DEFAULT_PROMPT",
     "IMAGE_SUFFIXES",
+    "DEDUPE_CHOICES",
     "caption_samples",
     "image_samples",
     "run_chair",
@@ -36,23 +39,40 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Please describe this image in detail."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _TEXT_KEYS = ("caption", "text")
+#: ``dedupe`` choices of :func:`caption_samples`: None (repeats are an error), keep first, keep last.
+DEDUPE_CHOICES = (None, "first", "last")
 _PATH_KEYS = ("path", "image", "file_name")
 
 
-def caption_samples(captions_file: str | os.PathLike, gt: GroundTruth) -> list[Sample]:
-    """Read a captions JSON-lines file into samples that need no generation.
+def caption_samples(captions_file: str | os.PathLike, gt: GroundTruth, *, dedupe: str | None = None) -> list[Sample]:
+    """Read a captions file into samples that need no generation.
 
-    Each line holds ``image_id`` or an image ``path`` (also ``image`` / ``file_name``)
-    and the caption as ``caption`` or ``text``. A line without a caption field or an
-    image reference is a :class:`DataError` naming file:line; an unknown image id or an
-    empty caption becomes an error record of that sample.
+    The file is JSON lines or one JSON array of objects. Each record holds ``image_id``
+    or an image ``path`` (also ``image`` / ``file_name``) and the caption as ``caption``
+    or ``text``. An empty caption is a caption (it counts in CHAIR_s's denominator and
+    is reported); an unknown image id becomes an error record of that sample.
+
+    Args:
+        captions_file: the file.
+        gt: ground truth, used to resolve image ids.
+        dedupe: what to do when an image has more than one caption: ``None`` (default)
+            raises :class:`DataError` naming both lines; ``"first"`` / ``"last"`` keeps
+            that caption of each image and logs how many were dropped.
+
+    Raises:
+        DataError: a malformed record, a record without caption or image reference
+            (naming ``file:line``), or a repeated image without ``dedupe``.
     """
+    if dedupe not in DEDUPE_CHOICES:
+        raise ConfigError(f"dedupe must be one of {list(DEDUPE_CHOICES)}, got {dedupe!r}")
     path = Path(captions_file)
-    if not path.is_file():
-        raise DataError(f"captions file {path} does not exist")
-    samples = []
-    for i, rec in enumerate(read_jsonl(path, strict=True)):
-        where = f"{path}: record {i + 1}"
+    samples: list[Sample] = []
+    first_line: dict[Any, tuple[int, int]] = {}  # image -> (line, index in samples)
+    dropped = 0
+    for i, (lineno, rec) in enumerate(read_records(path, "captions file")):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object with 'image_id' and 'caption', got {type(rec).__name__}")
         text_key = next((k for k in _TEXT_KEYS if k in rec), None)
         if text_key is None or not isinstance(rec[text_key], str):
             raise DataError(f"{where}: needs a string 'caption' or 'text' field")
@@ -66,7 +86,27 @@ def caption_samples(captions_file: str | os.PathLike, gt: GroundTruth) -> list[S
             meta["image_id"] = gt.resolve(rec.get("image_id"), ref_path)
         except DataError as exc:
             error = str(exc)
-        samples.append(Sample(key=str(i), meta=meta, text=rec[text_key], error=error))
+        ident = meta["image_id"] if error is None else ("unresolved", str(rec.get("image_id")), str(ref_path))
+        sample = Sample(key=str(i), meta=meta, text=rec[text_key], error=error)
+        if ident in first_line:
+            prev_line, prev_index = first_line[ident]
+            if dedupe is None:
+                name = meta["image_id"] if error is None else rec.get("image_id", ref_path)
+                raise DataError(
+                    f"{where}: image {name} already has a caption on line {prev_line}; CHAIR scores one "
+                    "caption per image. Remove the repeat, or pass --dedupe first|last (dedupe='first'|'last')"
+                )
+            dropped += 1
+            if dedupe == "last":
+                samples[prev_index] = sample
+                first_line[ident] = (lineno, prev_index)
+            continue
+        first_line[ident] = (lineno, len(samples))
+        samples.append(sample)
+    if not samples:
+        raise DataError(f"{path}: no captions found; expected JSON lines or a JSON array of {{image_id, caption}}")
+    if dropped:
+        logger.warning("%s: dropped %d repeated captions of the same image (dedupe=%s)", path, dropped, dedupe)
     return samples
 
 
@@ -128,6 +168,8 @@ def run_chair(
     run_info: dict[str, Any] | None = None,
     ctx: DistContext | None = None,
     progress: bool = False,
+    bootstrap: BootstrapSpec | None = None,
+    retry_errors: bool = True,
 ) -> dict[str, Any] | None:
     """Caption (if needed) and score samples with CHAIR; write the run folder.
 
@@ -143,6 +185,9 @@ def run_chair(
         run_info: model id, methods, generation settings, metadata to record.
         ctx: distributed context (default: from the environment).
         progress: show a progress bar.
+        bootstrap: resamples / seed of the 95% intervals over images (default
+            :class:`BootstrapSpec`: 1000 resamples, seed 0).
+        retry_errors: on resume, run again samples whose stored record is an error.
 
     Returns:
         The results dict on rank 0, None on other ranks.
@@ -161,25 +206,37 @@ def run_chair(
             "model_id": run_info.get("model_id"),
             "methods": run_info.get("methods", []),
             "generation": run_info.get("generation", {}),
+            "model_resolved": run_info.get("model_resolved"),
+            "dtype": run_info.get("dtype"),
         },
     )
 
     def finish(sample: Sample, text: str) -> dict[str, Any]:
-        if not text.strip():
-            logger.warning("sample %s: empty caption; not scored", sample.key)
-            return {"caption": text, "error": "empty caption"}
         score = score_caption(text, gt.objects[sample.meta["image_id"]], normalizer)
+        if not text.strip():
+            # Every reference counts an empty caption as a caption without hallucination.
+            logger.warning("sample %s: empty caption; scored as a caption without mentions", sample.key)
+            return {"caption": text, "empty": True, **score.to_dict()}
         return {"caption": text, **score.to_dict()}
 
-    records = run_samples(samples, out_dir, generate_fn, finish, batch_size=batch_size, ctx=ctx, progress=progress)
+    records = run_samples(
+        samples, out_dir, generate_fn, finish,
+        batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+    )  # fmt: skip
     if records is None:
         return None
     ok = [r for r in records if "error" not in r]
     errors = [{"key": r["key"], "error": r["error"]} for r in records if "error" in r]
     if errors:
         logger.warning("CHAIR: %d samples failed and are not in the metrics (first: %s)", len(errors), errors[0])
+    spec = bootstrap or BootstrapSpec()
     metrics = chair_metrics(ok)
     metrics["n_errors"] = len(errors)
+    empty = [r["key"] for r in ok if r.get("empty")]
+    metrics["n_empty_captions"] = len(empty)
+    if empty:
+        logger.warning("CHAIR: %d empty captions (counted as captions without mentions)", len(empty))
+    metrics["ci"], n_images = chair_intervals(ok, spec)
     results = {
         "task": "chair",
         "metrics": metrics,
@@ -190,10 +247,14 @@ def run_chair(
         "n_errors": len(errors),
         "complete": not errors,
         "errors": errors[:20],
+        "empty_captions": empty[:20],
+        "bootstrap": spec.to_dict(n_images),
         "model_id": run_info.pop("model_id", None),
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if results.get("limited"):  # a --limit run left items out: never complete
+        results["complete"] = False
     write_results(out_dir, results)
     write_report(out_dir, results)
     captions_html(records, Path(out_dir) / "captions.html", title=f"CHAIR captions — {Path(out_dir).name}")

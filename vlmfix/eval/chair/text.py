@@ -3,7 +3,7 @@
 Both are vlmfix's own. The tokenizer follows the conventions of the Penn Treebank
 tokenizer that the reference CHAIR implementations use (punctuation is its own token,
 clitics such as ``n't`` and ``'s`` are split off, hyphenated words and decimal numbers
-stay whole), and it keeps each token's character span in the original caption so that
+stay whole, and so does a hyphenated word holding a possessive, "bird's-eye"), and it keeps each token's character span in the original caption so that
 hallucinated words can be highlighted.
 
 The normalizer turns English plural nouns into their singular ("men" -> "man",
@@ -39,6 +39,7 @@ _TOKEN_RE = re.compile(
     | n['’]t\b
     | ['’]{_CLITIC}                    # clitics: 's 're 've 'll 'd 'm
     | \d+(?:[.,:]\d+)+                # 3.5  1,000  10:30
+    | \w+['’]s(?:-\w+)+               # a possessive inside a hyphenated word: bird's-eye
     | \w+(?:-\w+|['’](?!{_CLITIC})\w+)*  # words, hyphenated words, o'clock
     | \.\.\.|--                       # ellipsis, dash
     | [^\w\s\x00-\x1f\x7f-\x9f]        # other punctuation; control characters are skipped
@@ -124,7 +125,7 @@ _UNCHANGED = frozenset(
 # Nouns whose singular ends in -ie (so "-ies" -> "-ie", not "-y").
 _IE_SINGULARS = frozenset(
     """
-    tie pie lie die cookie movie brownie hoodie goalie calorie rookie zombie hippie
+    tie necktie bowtie pie lie die cookie movie brownie hoodie goalie calorie rookie zombie hippie
     selfie smoothie birdie collie veggie beanie genie bookie prairie pixie sweetie
     cutie auntie budgie boogie eyrie lassie doggie
     """.split()
@@ -250,10 +251,16 @@ def verb_base_candidates(word: str) -> list[str]:
     Used only by CHAIR's ``lemma`` normalizer, which, like a POS-tagged WordNet
     lemmatizer, reads "tied" as "tie" and "skiing" as "ski".
 
+    Bases that English spelling rules out are dropped (:func:`~vlmfix.eval.chair.rules.verb_base_ok`:
+    a one-syllable consonant-vowel-consonant base doubles its consonant, so "caring" is
+    not "car").
+
     Example:
-        >>> verb_base_candidates("skiing"), verb_base_candidates("tied")
-        (['ski', 'skie'], ['ti', 'tie'])
+        >>> verb_base_candidates("skiing"), verb_base_candidates("tied"), verb_base_candidates("caring")
+        (['ski', 'skie'], ['ti', 'tie'], ['care'])
     """
+    from vlmfix.eval.chair.rules import verb_base_ok  # rules imports Token from here
+
     if word in _NOT_VERB_FORMS:
         return []
     for suffix in ("ing", "ed"):
@@ -262,5 +269,6 @@ def verb_base_candidates(word: str) -> list[str]:
             out = [stem, stem + "e"]
             if len(stem) > 2 and stem[-1] == stem[-2]:
                 out.append(stem[:-1])  # "shopping" -> "shop"
-            return out
+            # spelling decides between the bases: "caring" is care + ing, not car + ing
+            return [b for b in out if verb_base_ok(b, word)]
     return []

@@ -8,8 +8,9 @@ Public API::
     pope_metrics([parser(a) for a in answers], [q.label for q in qs])
 """
 
+from vlmfix.eval.pope.answers import load_answers, load_split_answers, read_answer_records
 from vlmfix.eval.pope.build import CocoObjects, build_questions, load_coco_objects
-from vlmfix.eval.pope.data import SPLITS, PopeQuestion, load_answers, load_questions, split_name, write_questions
+from vlmfix.eval.pope.data import SPLITS, PopeQuestion, load_questions, split_name, write_questions
 from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_metrics
 from vlmfix.eval.pope.parsers import (
     PARSERS,
@@ -36,6 +37,8 @@ __all__ = [
     "get_parser",
     "get_template",
     "load_answers",
+    "load_split_answers",
+    "read_answer_records",
     "load_coco_objects",
     "load_questions",
     "mean_f1",

@@ -7,16 +7,16 @@ the 2910-question random split LLaVA-1.5 evaluated on) and one pretty-printed JS
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmfix.errors import DataError
-from vlmfix.io import JsonlWriter
+from vlmfix.eval.records import parse_array as _parse_array
+from vlmfix.eval.records import parse_lines as _parse_lines
+from vlmfix.io import JsonlWriter, read_text
 
-__all__ = ["PopeQuestion", "load_questions", "load_answers", "write_questions", "split_name", "SPLITS"]
+__all__ = ["PopeQuestion", "load_questions", "write_questions", "split_name", "SPLITS"]
 
 #: The three POPE negative-sampling settings.
 SPLITS = ("random", "popular", "adversarial")
@@ -58,7 +58,7 @@ def load_questions(path: str | os.PathLike) -> list[PopeQuestion]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"POPE question file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8, BOM dropped; other encodings are a DataError
     body = text.lstrip()
     items = _parse_array(path, text) if body.startswith("[") else _parse_lines(path, text)
     if not items:
@@ -75,54 +75,6 @@ def load_questions(path: str | os.PathLike) -> list[PopeQuestion]:
         seen[q.question_id] = lineno
         questions.append(q)
     return questions
-
-
-def _parse_lines(path: Path, text: str) -> list[tuple[int, object]]:
-    items = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((lineno, json.loads(line)))
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({exc}); fix or remove that line") from None
-    return items
-
-
-def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
-    """Parse a JSON array element by element so that errors name the element's line."""
-    dec = json.JSONDecoder()
-    ws = re.compile(r"\s*")
-    pos = text.index("[") + 1
-    line, counted = 1, 0  # line number at offset `counted`, advanced incrementally
-
-    def line_at(offset: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, offset)
-        counted = offset
-        return line
-
-    items = []
-    while True:
-        pos = ws.match(text, pos).end()
-        if pos < len(text) and text[pos] == "]":
-            break
-        lineno = line_at(pos)
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON array element ({exc})") from None
-        items.append((lineno, obj))
-        pos = ws.match(text, pos).end()
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos < len(text) and text[pos] == "]":
-            break
-        else:
-            raise DataError(f"{path}:{line_at(pos)}: expected ',' or ']' in the JSON array")
-    if text[pos + 1 :].strip():
-        raise DataError(f"{path}:{line_at(pos)}: unexpected data after the JSON array")
-    return items
 
 
 def _validate(path: Path, lineno: int, rec: object) -> PopeQuestion:
@@ -142,46 +94,6 @@ def _validate(path: Path, lineno: int, rec: object) -> PopeQuestion:
     if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
         raise DataError(f"{where}: label must be 'yes' or 'no', got {label!r}")
     return PopeQuestion(qid, rec["image"], rec["text"], label.strip().lower())
-
-
-def load_answers(path: str | os.PathLike, questions: list[PopeQuestion]) -> dict[int | str, str]:
-    """Load a model's answers to ``questions`` (JSON lines or a JSON array).
-
-    Each record holds ``question_id`` and the answer as ``text`` (LLaVA's answer files)
-    or ``answer``. Every question must have exactly one answer.
-
-    Returns:
-        ``{question_id: answer text}``.
-
-    Raises:
-        DataError: malformed records (naming file:line), repeated ids, answers to unknown
-            questions, or a count that differs from the questions'.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"answers file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    items = _parse_array(path, text) if text.lstrip().startswith("[") else _parse_lines(path, text)
-    answers: dict[int | str, str] = {}
-    for lineno, rec in items:
-        if not isinstance(rec, dict) or "question_id" not in rec:
-            raise DataError(f"{path}:{lineno}: expected an object with 'question_id'")
-        key = next((k for k in ("text", "answer") if k in rec), None)
-        if key is None or not isinstance(rec[key], str):
-            raise DataError(f"{path}:{lineno}: needs the answer as a string 'text' or 'answer'")
-        if rec["question_id"] in answers:
-            raise DataError(f"{path}:{lineno}: question_id {rec['question_id']!r} is answered twice")
-        answers[rec["question_id"]] = rec[key]
-    ids = {q.question_id for q in questions}
-    if len(answers) != len(questions) or set(answers) != ids:
-        extra = sorted(map(str, set(answers) - ids))[:5]
-        missing = sorted(map(str, ids - set(answers)))[:5]
-        raise DataError(
-            f"{path}: {len(answers)} answers for {len(questions)} questions "
-            f"(unknown ids: {extra or 'none'}; unanswered: {missing or 'none'}); "
-            "answers must match the question file one to one"
-        )
-    return answers
 
 
 def write_questions(questions: list[PopeQuestion], path: str | os.PathLike) -> Path:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix.errors import ConfigError
+from vlmfix.eval.bootstrap import BootstrapSpec
 from vlmfix.eval.pope.data import PopeQuestion
-from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_metrics
+from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_intervals, pope_metrics
 from vlmfix.eval.pope.parsers import apply_template, get_parser, get_template
 from vlmfix.eval.report import write_report, write_results
 from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, replace_records, run_samples
@@ -33,6 +34,8 @@ def run_pope(
     answers: Mapping[str, Mapping[int | str, str]] | None = None,
     ctx: DistContext | None = None,
     progress: bool = False,
+    bootstrap: BootstrapSpec | None = None,
+    retry_errors: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate a model on POPE question sets and write ``out_dir``.
 
@@ -50,6 +53,9 @@ def run_pope(
             ``{question_id: text}`` (from :func:`load_answers`); ``generate_fn`` may be None.
         ctx: distributed context (default: from the environment).
         progress: show a progress bar.
+        bootstrap: resamples / seed of the 95% intervals over images (default
+            :class:`BootstrapSpec`: 1000 resamples, seed 0).
+        retry_errors: on resume, run again samples whose stored record is an error.
 
     Returns:
         The results dict on rank 0 (also written to ``results.json``), None elsewhere.
@@ -71,6 +77,8 @@ def run_pope(
             "model_id": run_info.get("model_id"),
             "methods": run_info.get("methods", []),
             "generation": run_info.get("generation", {}),
+            "model_resolved": run_info.get("model_resolved"),
+            "dtype": run_info.get("dtype"),
             "source": "answers" if answers is not None else "model",
         },
     )
@@ -100,7 +108,10 @@ def run_pope(
     def finish(_sample: Sample, text: str) -> dict[str, Any]:
         return {"answer": text, "pred": answer_parser(text), "parser": answer_parser.to_dict()}
 
-    records = run_samples(samples, out_dir, generate_fn, finish, batch_size=batch_size, ctx=ctx, progress=progress)
+    records = run_samples(
+        samples, out_dir, generate_fn, finish,
+        batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+    )  # fmt: skip
     if records is None:
         return None
     stale = [r for r in records if "error" not in r and r.get("parser") != answer_parser.to_dict()]
@@ -112,24 +123,31 @@ def run_pope(
     results = {
         "task": "pope",
         "splits": {},
-        **score_pope_records(records, parser),
+        **score_pope_records(records, parser, bootstrap=bootstrap),
         "template": template,
         "model_id": run_info.pop("model_id", None),
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if results.get("limited"):  # a --limit run left items out: never complete
+        results["complete"] = False
     write_results(out_dir, results)
     write_report(out_dir, results)
     return results
 
 
-def score_pope_records(records: Sequence[dict[str, Any]], parser: str = "pope_official") -> dict[str, Any]:
-    """Compute per-split POPE metrics from per-sample records.
+def score_pope_records(
+    records: Sequence[dict[str, Any]], parser: str = "pope_official", *, bootstrap: BootstrapSpec | None = None
+) -> dict[str, Any]:
+    """Compute per-split POPE metrics, with bootstrap intervals, from per-sample records.
 
     Answers are re-parsed with ``parser`` from the raw ``answer`` text, so a resumed or
     re-scored run never mixes parsers. Error records are excluded from the metrics and
-    counted in ``n_errors`` (per split and in total).
+    counted in ``n_errors`` (per split and in total). Every ratio metric of a split gets
+    ``ci[metric] = [low, high]`` and ``mean_f1`` gets ``mean_f1_ci``: seeded percentile
+    bootstrap over images (``bootstrap`` in the result records resamples and seed).
     """
+    spec = bootstrap or BootstrapSpec()
     answer_parser = get_parser(parser)
     by_split: dict[str, list[dict]] = {}
     for rec in records:
@@ -144,11 +162,17 @@ def score_pope_records(records: Sequence[dict[str, Any]], parser: str = "pope_of
         metrics["n_errors"] = len(bad)
         splits[split] = metrics
         errors += [{"key": r["key"], "error": r["error"]} for r in bad]
+    scored = [{**r, "pred": answer_parser(r["answer"])} for r in records if "error" not in r]
+    ci, mean_ci, n_images = pope_intervals(scored, list(splits), spec)
+    for split, metrics in splits.items():
+        metrics["ci"] = ci[split]
     if errors:
         logger.warning("POPE: %d samples failed and are not in the metrics (first: %s)", len(errors), errors[0])
     return {
         "splits": splits,
         "mean_f1": mean_f1(splits),
+        "mean_f1_ci": mean_ci,
+        "bootstrap": spec.to_dict(n_images),
         "parser": answer_parser.to_dict(),
         "metric_version": POPE_METRIC_VERSION,
         "n_samples": len(records),
