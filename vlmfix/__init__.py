@@ -59,8 +59,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.loading import load
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
-    from vlmfix.methods.fastv import FastV
     from vlmfix.methods.deco import DeCo
+    from vlmfix.methods.fastv import FastV
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.lol import LOL
     from vlmfix.methods.m3id import M3ID
@@ -69,16 +69,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.paint import PAINT
     from vlmfix.methods.pdrop import PyramidDrop
     from vlmfix.methods.random_prune import RandomPrune
+    from vlmfix.methods.rbd import RBD
     from vlmfix.methods.token_exit import TokenExit
     from vlmfix.methods.token_merge import TokenMerge
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
     from vlmfix.methods.visionzip import VisionZip
-    from vlmfix.methods.rbd import RBD
-    from vlmfix.methods.var import VAR
-    from vlmfix.methods.vcd import VCD
-    from vlmfix.methods.vhr import VHR, vhd
     from vlmfix.methods.vista import VISTA
 
 
