@@ -222,11 +222,7 @@ class VHRRuntime(Method):
             return
         if self._measuring_one_pass(call) and call.row_stats is not None:
             self._measure_layer(call.layer_idx, call.row_stats.out, call.row_stats.out_text)
-        if (
-            call.layer_idx not in self.layers
-            or self.selected is None
-            or self.selected.shape[0] != call.layout.batch_size
-        ):
+        if call.layer_idx not in self.layers or self.selected is None or self.selected.shape[0] != call.layout.batch_size:
             return
         sel = self.selected[:, call.layer_idx]  # [B, H]
         plan.scale_heads(torch.where(sel, float(self.config.alpha), 1.0))
