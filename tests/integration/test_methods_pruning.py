@@ -460,10 +460,11 @@ def test_invalid_configs_name_the_field(make, field):
         make()
 
 
-def test_paint_with_pruning_is_refused_at_attach():
+@pytest.mark.parametrize("other", ["paint", "rbd"])
+def test_key_indexed_methods_with_pruning_are_refused_at_attach(other):
     model, *_ = _batch("llava", 1)
-    with pytest.raises(ConfigError, match="paint"):
-        vlmfix.attach(model, vlmfix.FastV(), vlmfix.PAINT())
+    with pytest.raises(ConfigError, match=other):
+        vlmfix.attach(model, vlmfix.FastV(), vlmfix.methods.get(other)())
     from vlmfix.attachment import active_handle
 
     assert active_handle(model) is None

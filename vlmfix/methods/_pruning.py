@@ -50,6 +50,8 @@ __all__ = ["Stage", "PruningRuntime", "scaled_layer", "check_pruning_fields", "N
 logger = logging.getLogger(__name__)
 
 NEWLINE_MODES = ("rank", "keep")
+# Attention methods whose per-key edits are indexed by the full prompt (refused with pruning).
+KEY_INDEXED_METHODS = ("paint", "rbd")
 BRANCH_MODES = ("own", "main")
 
 
@@ -119,14 +121,15 @@ class PruningRuntime(Method):
                     f"pass a layer in [0, {n})"
                 )
         self.stages = sorted(self.stages, key=lambda s: s.layer)
-        if any(m.name == "paint" for m in handle.methods):
+        clash = [m.name for m in handle.methods if m.name in KEY_INDEXED_METHODS]
+        if clash:
             from vlmfix.errors import ConfigError
 
-            # PAINT classifies the image tokens once per sequence from one token map; it
-            # does not follow the per-layer maps of pruned layers yet.
+            # PAINT and RBD key their per-key edits by the full prompt's key index once per
+            # sequence; they do not follow the per-layer maps of pruned layers yet.
             raise ConfigError(
-                f"{self.name} cannot be combined with paint yet (PAINT's token classes do not follow pruned "
-                "layers); use pai or var with pruning, or paint alone"
+                f"{self.name} cannot be combined with {', '.join(clash)} yet (their per-key edits do not follow "
+                "pruned layers); use pai, var, vhr or a contrastive method with pruning"
             )
         layers = handle.adapter.decoder_layers(handle.model)
         first = self.stages[0].layer
