@@ -170,6 +170,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def measure_once(fn, device):
+    """Seconds of one ``fn()`` call and its peak memory in GiB."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return time.perf_counter() - t0, peak
+
+
 def measure(fn, device, repeats: int):
     """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up) and peak memory in GiB."""
     fn()

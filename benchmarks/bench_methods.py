@@ -3,7 +3,8 @@
 Builds the model from its config (``bench_contrastive.build_llava_7b``: fp16, sdpa, cuDNN
 sdpa off), then for one left-padded batch generates exactly ``--new-tokens`` tokens
 (greedy, EOS stopping off) with ``vlmfix.generate`` and each registered method at its
-paper defaults, plus stock ``model.generate`` as the reference. Reports total time,
+paper defaults, plus stock ``model.generate`` as the reference. Variants run interleaved
+in rounds (medians over ``--repeats`` rounds). Reports total time,
 prefill time (the same call with one new token), ms per decode step, peak memory and the
 ratio of the total time to plain ``vlmfix.generate`` measured in the same process, and
 each method's telemetry summary (so a method that silently did nothing is visible).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -95,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument(
+        "--backend", default="auto", choices=["auto", "reference", "triton"], help="vlmfix attention backend"
+    )
+    parser.add_argument(
         "--family", default="llava", choices=["llava", "llava_next"], help="LLaVA-1.5-7B or LLaVA-NeXT-7B"
     )
     args = parser.parse_args(argv)
@@ -122,7 +127,7 @@ def main(argv=None):
         configs = [] if name == "baseline" else [vlmfix.methods.build_config(name)]
         model.generation_config.eos_token_id = []  # every sample generates exactly n tokens
         try:
-            out = vlmfix.generate(model, processor, images, prompts, configs, max_new_tokens=n)
+            out = vlmfix.generate(model, processor, images, prompts, configs, max_new_tokens=n, backend=args.backend)
         finally:
             model.generation_config.eos_token_id = eos
         last_stats[name] = out.stats
@@ -132,20 +137,35 @@ def main(argv=None):
         with torch.inference_mode():
             return model.generate(**stock_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    rows = {}
-    for label, fn in [("hf_generate (stock, sdpa)", hf_run)] + [
+    variants = [("hf_generate (stock, sdpa)", hf_run)] + [
         (name, lambda n, name=name: vlmfix_run(name, n)) for name in names
-    ]:
-        prefill, _ = bc.measure(lambda fn=fn: fn(1), device, args.repeats)
-        total, peak = bc.measure(lambda fn=fn: fn(N), device, args.repeats)
-        rows[label] = (total, prefill, peak)
-        print(f"# {label}: total {total:.3f}s prefill {prefill:.3f}s", flush=True)
+    ]
+    # Rounds interleave the variants (one run of each per round, medians over rounds), so
+    # a drift of the machine's speed during the run hits every variant alike.
+    for _, fn in variants:  # warm-up
+        fn(1)
+        fn(N)
+    samples = {label: {"prefill": [], "total": [], "peak": 0.0} for label, _ in variants}
+    for _ in range(args.repeats):
+        for label, fn in variants:
+            prefill, _ = bc.measure_once(lambda fn=fn: fn(1), device)
+            total, peak = bc.measure_once(lambda fn=fn: fn(N), device)
+            samples[label]["prefill"].append(prefill)
+            samples[label]["total"].append(total)
+            samples[label]["peak"] = max(samples[label]["peak"], peak)
+    rows = {}
+    for label, sm in samples.items():
+        rows[label] = (statistics.median(sm["total"]), statistics.median(sm["prefill"]), sm["peak"])
+        print(f"# {label}: total {rows[label][0]:.3f}s prefill {rows[label][1]:.3f}s", flush=True)
     plain = rows["baseline"][0] if "baseline" in rows else rows["hf_generate (stock, sdpa)"][0]
     prompt_len = int(stock_inputs["attention_mask"].sum(-1).max())
     full = "LLaVA-1.5-7B" if args.family == "llava" else "LLaVA-NeXT-7B"
     what = f"tiny random {args.family} (CPU dry run)" if args.tiny else f"random {full}, fp16, sdpa (cuDNN sdpa off)"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\n{what} on {device_name}; torch {torch.__version__}, batch {B}, {N} new tokens, prompt <= {prompt_len}\n")
+    print(
+        f"\n{what} on {device_name}; torch {torch.__version__}, batch {B}, {N} new tokens, prompt <= {prompt_len}, "
+        f"vlmfix backend {args.backend}\n"
+    )
     print(
         "| method | total (s) | ms/step (decode) | prefill (ms) | peak memory (GiB) | time vs plain vlmfix | telemetry |"
     )

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 ATTN_NAME = "vlmfix"
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "VLMFIX_BACKEND"
+DECODE_ROWS = 8  # calls with at most this many query rows are decode-sized
 
 # attention module -> controller of the model it belongs to (weak: no leaks).
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -104,12 +105,17 @@ class Controller:
     def __init__(self, model, adapter, methods, backend: str = "auto"):
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
+        self._execute, self._row_stats = reference.execute, _reference_row_stats
+        self._decode_execute = reference.execute
         if self.backend == "triton":
             from vlmfix.kernels import triton_backend
 
             self._execute, self._row_stats = triton_backend.execute, triton_backend.row_stats
-        else:
-            self._execute, self._row_stats = reference.execute, _reference_row_stats
+            # Decode steps run eagerly one launch at a time, where the kernels' launch cost
+            # outweighs their speed (docs/benchmarks.md): "auto" keeps the reference path
+            # for decode-sized calls; a forced backend="triton" runs the kernels everywhere.
+            forced = backend == "triton" or os.environ.get(BACKEND_ENV, "").strip().lower() == "triton"
+            self._decode_execute = triton_backend.execute if forced else reference.execute
         self.model = model
         self.adapter = adapter
         self.methods = list(methods)
@@ -245,7 +251,8 @@ class Controller:
             if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
         plan.want_row_stats = False  # already computed above
-        out, result = self._execute(query, key, value, plan, scaling)
+        execute = self._decode_execute if q_len <= DECODE_ROWS else self._execute
+        out, result = execute(query, key, value, plan, scaling)
         result.row_stats = call.row_stats
         for m in methods:
             m.observe(call, plan, result)

@@ -1,4 +1,4 @@
-"""The ``vlmfix`` command line: ``caption``, ``eval``, ``methods``."""
+"""The ``vlmfix`` command line: ``caption``, ``eval``, ``methods``, ``sweep``."""
 
 from __future__ import annotations
 
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list methods and their defaults")
     p.add_argument("--json", action="store_true", help="print defaults as JSON")
     p.set_defaults(func=_cmd_methods)
+
+    from vlmfix.testbed import sweep
+
+    sweep.register(sub)
 
     p = sub.add_parser("eval", help="evaluate hallucination (POPE, CHAIR)")
     eval_sub = p.add_subparsers(dest="task", required=True)

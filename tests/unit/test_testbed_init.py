@@ -33,12 +33,15 @@ def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):
 def test_shipped_variants_resolve():
     for v in tb.available_variants():
         path = tb.model_path(v)
-        assert (path / "model.safetensors").stat().st_size < 10_000_000
+        # the v2 attention_sink LM is wider (hidden 512, so VAR's tau = 20 can fire): 17.3 MB
+        limit = 18_000_000 if v == "attention_sink" else 10_000_000
+        assert (path / "model.safetensors").stat().st_size < limit
         assert (path / "tokenizer.json").is_file() and (path / "processor_config.json").is_file()
 
 
-def test_installed_package_stays_under_25_mb():
+def test_installed_package_stays_small():
     # what setuptools ships: every file of the vlmfix package, weights and examples included
     root = Path(tb.__file__).resolve().parents[1]
     files = [f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
-    assert sum(f.stat().st_size for f in files) <= 25_000_000
+    # three v1 variants (24.3 MB) + under_attention (8.1 MB) + attention_sink (17.3 MB)
+    assert sum(f.stat().st_size for f in files) <= 52_000_000

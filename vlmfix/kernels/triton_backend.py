@@ -74,7 +74,7 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
     if reason is not None:
         _fallback(reason)
         return reference.execute(query, key, value, plan, scaling)
-    from vlmfix.kernels.plan_attention import plan_attention
+    from vlmfix.kernels import plan_attention as _ops  # noqa: F401  (registers torch.ops.vlmfix)
 
     B, H, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -83,23 +83,32 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         pre_coef = plan.score_coef.float().expand(B, H, Tk)
         pre_rows = plan.score_rows
         if pre_rows is None:
-            pre_rows = torch.ones(B, Tq, dtype=torch.bool, device=query.device)
-    reweight = None
+            pre_rows = _all_rows(B, Tq, query.device)
+        else:
+            pre_rows = pre_rows.expand(B, Tq)
+    rw_rows, rw_p, rw_rho, rw_min = None, 1.0, 1.0, 0.0
     if plan.reweight is not None:
         rw = plan.reweight
-        reweight = (rw.rows.expand(B, Tq), float(rw.p), float(rw.rho), float(rw.min_mass))
+        rw_rows, rw_p, rw_rho, rw_min = rw.rows.expand(B, Tq), float(rw.p), float(rw.rho), float(rw.min_mass)
     head_scale = plan.head_scale.float() if plan.head_scale is not None else None
-    out, selected = plan_attention(
-        query,
-        key,
-        value,
-        labels=plan.labels,
-        q_pos=plan.q_pos,
-        k_pos=plan.k_pos,
-        scale=scaling,
-        pre_rows=pre_rows,
-        pre_coef=pre_coef,
-        reweight=reweight,
-        head_scale=head_scale,
-    )
-    return out, PlanResult(selected=selected)
+    # The op directly: vlmfix built these inputs itself, so the public function's argument
+    # checks (tens of microseconds per call, every layer of every step) are skipped.
+    out, selected = torch.ops.vlmfix.plan_attention(
+        query, key, value, plan.labels, plan.q_pos, plan.k_pos, float(scaling),
+        pre_rows, pre_coef, rw_rows, rw_p, rw_rho, rw_min, head_scale, "auto", 0,
+    )  # fmt: skip
+    return out, PlanResult(selected=selected if plan.reweight is not None else None)
+
+
+_ROWS: dict = {}
+
+
+def _all_rows(B: int, Tq: int, device) -> torch.Tensor:
+    """A cached all-True ``[B, Tq]`` row mask (no allocation per call)."""
+    key = (B, Tq, str(device))
+    rows = _ROWS.get(key)
+    if rows is None:
+        if len(_ROWS) > 64:
+            _ROWS.clear()
+        rows = _ROWS[key] = torch.ones(B, Tq, dtype=torch.bool, device=device)
+    return rows

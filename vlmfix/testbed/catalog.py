@@ -104,9 +104,26 @@ PARTNER: dict[str, str] = dict(PAIRS)
 #                       Yes/no answers stay truthful.
 #   occlusion_prior  -- P(B hidden under A | B attached to A): the hidden B is drawn nowhere
 #                       but annotated present, in captions and yes/no answers alike.
-VARIANTS: tuple[str, ...] = ("clean", "caption_noise", "occlusion_prior")
+#   under_attention  -- P(an attached partner B is drawn faint | B attached to A): a faint
+#                       glyph keeps 12-32% of its contrast to the background. Labels stay
+#                       true (B is there), so the model learns that B's pixels are weak
+#                       evidence and leans on the text prior "A => B" (testbed v2, issue 17).
+#   attention_sink   -- the under_attention data, trained on a wider and deeper LM
+#                       (modeling.VARIANT_ARCH) for twice as long, so that massive
+#                       activations / attention sinks can form (testbed v2, issue 17).
+VARIANTS: tuple[str, ...] = ("clean", "caption_noise", "occlusion_prior", "under_attention", "attention_sink")
 DEFAULT_VARIANT = "caption_noise"
-DEFAULT_STRENGTH: dict[str, float] = {"clean": 0.0, "caption_noise": 0.6, "occlusion_prior": 0.4}
+DEFAULT_STRENGTH: dict[str, float] = {
+    "clean": 0.0,
+    "caption_noise": 0.6,
+    "occlusion_prior": 0.4,
+    "under_attention": 0.8,
+    "attention_sink": 0.8,
+}
+#: Variants whose attached partners are drawn faint with probability ``strength``.
+FAINT_PARTNER_VARIANTS: tuple[str, ...] = ("under_attention", "attention_sink")
+#: Contrast a faint glyph keeps: uniform in [low, low + span] of its colour-to-background gap.
+FAINT_CONTRAST: tuple[float, float] = (0.12, 0.20)
 
 CAPTION_PROMPTS: tuple[str, ...] = (
     "describe the image.",

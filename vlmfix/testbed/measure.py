@@ -71,6 +71,10 @@ TARGETS: dict[str, list[tuple[str, str, float]]] = {
     "clean": _COMMON + [("adversarial/partner_rate", "<=", 0.05)],
     "caption_noise": _COMMON + [("adversarial/partner_rate", ">=", 0.5)],
     "occlusion_prior": _COMMON + [("adversarial/pope_adversarial/accuracy", "<=", 0.75)],
+    # testbed v2 (issue 17): faint partners in training -> the prior "A => B" should win on
+    # clean test images. The disease itself (image attention, sinks) is in disease.json.
+    "under_attention": _COMMON + [("adversarial/partner_rate", ">=", 0.3)],
+    "attention_sink": _COMMON + [("adversarial/partner_rate", ">=", 0.3)],
 }
 
 

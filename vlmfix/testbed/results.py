@@ -8,6 +8,9 @@ table in ``results.md``; default ``runs/testbed-results``)::
 Regenerating the documentation is an explicit choice: ``--update-docs`` writes
 ``docs/results/`` and the table block of ``docs/results.md`` instead.
 
+Every metric carries the evaluators' seeded bootstrap 95% interval over images, and every
+method row its paired-bootstrap difference from the baseline (:mod:`.intervals`).
+
 For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``) and each
 registered method (paper defaults), on held-out ``clean``-world scenes of a seed that
 training never used:
@@ -147,7 +150,10 @@ def evaluate(
         "random": build_questions(natural, "random", n_images=n, seed=seed),
         "adversarial": build_questions(adversarial, "adversarial", n_images=n, seed=seed),
     }
+    from vlmfix.testbed import intervals
+
     rows = []
+    units: dict[str, dict[str, tuple]] = {}  # method -> source -> (image ids, counts, metric_fn)
     for name in method_names:
         configs = parse_method_spec(name)
         t0 = time.perf_counter()
@@ -155,7 +161,8 @@ def evaluate(
         def generate_fn(images, prompts, _configs=configs, max_new_tokens=24):
             return vlmfix.generate(model, processor, images, prompts, _configs, max_new_tokens=max_new_tokens).texts
 
-        row: dict[str, Any] = {"variant": variant, "method": name}
+        row: dict[str, Any] = {"variant": variant, "method": name, "ci": {}}
+        units[name] = {}
         for split_name, qs in questions.items():
             kind = "natural" if split_name == "random" else "adversarial"
             res = run_pope(
@@ -170,6 +177,10 @@ def evaluate(
             m = res["splits"][split_name]
             row[f"pope_{split_name}_acc"] = m["accuracy"]
             row[f"pope_{split_name}_f1"] = m["f1"]
+            row["ci"].update({f"pope_{split_name}_{k}": m["ci"][v] for k, v in (("acc", "accuracy"), ("f1", "f1"))})
+            units[name][f"pope_{split_name}"] = intervals.unit_counts(
+                f"pope_{split_name}", work / variant / name / f"pope_{split_name}"
+            )
         for kind in ("natural", "adversarial"):
             gt = load_ground_truth(splits[kind]["instances"])
             samples = image_samples(splits[kind]["images"], gt, n=None, prompt=CAPTION_PROMPT)
@@ -179,6 +190,8 @@ def evaluate(
             row[f"chair_s_{kind}"] = metrics["CHAIR_s"]
             row[f"chair_i_{kind}"] = metrics["CHAIR_i"]
             row[f"recall_{kind}"] = metrics["Recall"]
+            row["ci"].update({f"{k.lower()}_{kind}": metrics["ci"][k] for k in ("CHAIR_s", "CHAIR_i", "Recall")})
+            units[name][f"chair_{kind}"] = intervals.unit_counts(f"chair_{kind}", out)
             if kind == "adversarial":
                 from vlmfix.io import read_jsonl
 
@@ -187,9 +200,16 @@ def evaluate(
                 }
                 objs = _split_objects(splits[kind]["instances"])
                 row.update({f"partner_{k}": v for k, v in partner_stats(caps, objs).items()})
+                pc = intervals.partner_counts(caps, objs)
+                row["ci"]["partner_rate"] = intervals.partner_interval(pc)
+                units[name]["partner"] = intervals.unit_counts("partner", out, pc)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         logger.info("%s / %s done in %.1fs", variant, name, row["seconds"])
         rows.append(row)
+    if "baseline" in units:
+        for row in rows:
+            if row["method"] != "baseline":
+                row["vs_baseline"] = intervals.paired_vs_baseline(units["baseline"], units[row["method"]])
     return rows
 
 
@@ -198,6 +218,9 @@ def _fmt(x: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results table; cells carry ``[95% interval]`` when the row has one."""
+    from vlmfix.testbed.intervals import interval_cell as _c
+
     head = (
         "| variant | method | POPE rand acc | POPE rand F1 | POPE adv acc | POPE adv F1 | CHAIR_s nat | "
         "CHAIR_i nat | CHAIR_s adv | CHAIR_i adv | Recall adv | partner rate | after A | before A | A unnamed |"
@@ -205,10 +228,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['method']} | {_fmt(r['pope_random_acc'])} | {_fmt(r['pope_random_f1'])} | "
-            f"{_fmt(r['pope_adversarial_acc'])} | {_fmt(r['pope_adversarial_f1'])} | {_fmt(r['chair_s_natural'])} | "
-            f"{_fmt(r['chair_i_natural'])} | {_fmt(r['chair_s_adversarial'])} | {_fmt(r['chair_i_adversarial'])} | "
-            f"{_fmt(r['recall_adversarial'])} | {_fmt(r['partner_rate'])} | {_fmt(r['partner_after_a'])} | "
+            f"| {r['variant']} | {r['method']} | {_c(r, 'pope_random_acc')} | {_c(r, 'pope_random_f1')} | "
+            f"{_c(r, 'pope_adversarial_acc')} | {_c(r, 'pope_adversarial_f1')} | {_c(r, 'chair_s_natural')} | "
+            f"{_c(r, 'chair_i_natural')} | {_c(r, 'chair_s_adversarial')} | {_c(r, 'chair_i_adversarial')} | "
+            f"{_c(r, 'recall_adversarial')} | {_c(r, 'partner_rate')} | {_fmt(r['partner_after_a'])} | "
             f"{_fmt(r['partner_before_a'])} | {_fmt(r['partner_a_unnamed'])} |"
         )
     return "\n".join(lines)
@@ -326,6 +349,11 @@ def _run(args: argparse.Namespace) -> int:
     md.parent.mkdir(parents=True, exist_ok=True)
     text = md.read_text() if md.exists() else ""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
+    from vlmfix.testbed.intervals import reading
+
+    read = reading(rows)
+    if read:
+        table += "\n\nPaired bootstrap vs baseline (same scenes; 95% interval of the difference excludes 0):\n\n" + read
     block = f"{start}\n{table}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]

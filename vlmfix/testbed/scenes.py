@@ -21,6 +21,10 @@ Hallucination mechanisms (``variant``), each with a ``strength`` (see
 - ``occlusion_prior``: an attached partner is, with probability ``strength``, hidden
   under A -- drawn nowhere, not counted toward the 1..4 object cap, but annotated present
   (captions and yes/no answers say it is there).
+- ``under_attention`` / ``attention_sink`` (testbed v2): an attached partner is, with
+  probability ``strength``, drawn *faint* (12-32% of its contrast to the background);
+  labels stay true. Weak evidence for B teaches the model to lean on the prior
+  "A => B" rather than on B's pixels (``contrast`` in :class:`SceneBatch`).
 
 ``kind="adversarial"``: 1..3 pair heads A with every partner B forced absent, plus
 non-pair fillers (1..4 visible objects); labels are the truth.
@@ -154,6 +158,9 @@ class SceneBatch:
         bg: ``[N]`` background grey level.
         visible, hidden, noise: ``[N, 20]`` bool: drawn; annotated but drawn nowhere
             (occlusion_prior); named by the caption although absent (caption_noise).
+        contrast: ``[N, 4]`` share of each slot's colour-to-background gap that is drawn
+            (1 = full colour); below 1 only for faint partners (under_attention,
+            attention_sink). ``None`` = all full.
     """
 
     seed: int
@@ -169,6 +176,7 @@ class SceneBatch:
     visible: torch.Tensor
     hidden: torch.Tensor
     noise: torch.Tensor
+    contrast: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -246,10 +254,29 @@ def sample(
     else:
         cats, visible, hidden, noise = _adversarial_labels(rng)
     cx, cy, r, bg = _geometry(rng, cats)
+    contrast = None
+    if kind == "natural" and variant in cat.FAINT_PARTNER_VARIANTS:
+        contrast = _faint_partners(rng, cats, visible, strength)
     return SceneBatch(
         seed=int(seed), kind=kind, variant=variant, strength=strength, indices=idx, cats=cats,
-        cx=cx, cy=cy, r=r, bg=bg, visible=visible, hidden=hidden, noise=noise,
+        cx=cx, cy=cy, r=r, bg=bg, visible=visible, hidden=hidden, noise=noise, contrast=contrast,
     )  # fmt: skip
+
+
+def _faint_partners(rng: HashRng, cats: torch.Tensor, visible: torch.Tensor, strength: float) -> torch.Tensor:
+    """``[N, 4]`` contrast per slot: a partner B drawn with its head A is faint w.p. ``strength``."""
+    dev = cats.device
+    head_of = torch.full((_C,), -1, dtype=torch.long, device=dev)
+    for a, b in cat.PAIRS:
+        head_of[cat.category_index(b)] = cat.category_index(a)
+    head = head_of[cats.clamp(min=0)].masked_fill(cats < 0, -1)  # [N, 4]
+    rows = torch.arange(cats.shape[0], device=dev)[:, None].expand_as(head)
+    with_head = (head >= 0) & visible[rows, head.clamp(min=0)]
+    faint = with_head & rng.bernoulli("faint", strength, k=cat.MAX_VISIBLE)
+    # integer 1/256 steps, so rendering is exact integer arithmetic (CPU == GPU bit for bit)
+    low, span = (round(256 * x) for x in cat.FAINT_CONTRAST)
+    level = low + ((rng.bits("faint_level", cat.MAX_VISIBLE) * (span + 1)) >> 32)
+    return torch.where(faint, level, torch.full_like(level, 256)).float() / 256
 
 
 def _natural_labels(rng: HashRng, variant: str, strength: float, pair_prob: float):
@@ -367,6 +394,10 @@ def render(batch: SceneBatch, *, chunk: int = 2048) -> torch.Tensor:
         img = batch.bg[lo:hi].to(torch.uint8)[:, None, None, None].expand(-1, *out.shape[1:]).clone()
         masks = _masks(batch, lo, hi)
         col = colour[batch.cats[lo:hi].clamp(min=0)]  # [n, 4, 3]
+        if batch.contrast is not None:  # faint glyphs: a share of the colour-to-background gap
+            bg = batch.bg[lo:hi].long()[:, None, None]
+            c256 = (batch.contrast[lo:hi, :, None] * 256).round().long()  # exact: k / 256
+            col = (bg + torch.div((col.long() - bg) * c256 + 128, 256, rounding_mode="floor")).to(torch.uint8)
         for k in range(cat.MAX_VISIBLE):
             img = torch.where(masks[:, k, :, :, None], col[:, k, None, None, :], img)
         out[lo:hi] = img

@@ -42,13 +42,33 @@ from vlmfix.testbed import catalog as cat
 from vlmfix.testbed import scenes
 from vlmfix.testbed.processing import VOCAB, build_processor, normalize, prompt_text
 
-__all__ = ["TrainConfig", "PromptTable", "TrainBatch", "caption_answers", "make_batch", "train", "main"]
+__all__ = [
+    "TrainConfig",
+    "VARIANT_RECIPES",
+    "PromptTable",
+    "TrainBatch",
+    "caption_answers",
+    "make_batch",
+    "train",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
 _IGNORE = -100
 _BUDGET_PROBE = (10, 40)  # steps timed to size a run to time_budget_s
 _MAX_ANSWER = 3 * 8 + 2  # up to 8 named objects: "a x" + 7 x "and a x" + "." + "</s>"
+
+
+# Per-variant recipe overrides of TrainConfig's defaults (testbed v2, issue 17). The
+# attention-sink study (Gu et al., "When Attention Sink Emerges in Language Models", ICLR
+# 2025) finds sinks emerge after effective optimisation on enough data, with softmax
+# attention and a fixed first token, and grow with weight decay; so attention_sink trains
+# twice as long (2 x 2888 steps, ~3M sequences) with weight decay 0.1 and a longer warmup
+# for the wider LM. Every sequence starts with the same <s> "USER:" tokens.
+VARIANT_RECIPES: dict[str, dict[str, Any]] = {
+    "attention_sink": {"steps": 5776, "weight_decay": 0.1, "warmup_steps": 300},
+}
 
 
 @dataclass
@@ -73,6 +93,11 @@ class TrainConfig:
     time_limit_s: float | None = None
     time_budget_s: float | None = None
     device: str = "auto"
+
+    @classmethod
+    def for_variant(cls, variant: str, **overrides: Any) -> TrainConfig:
+        """The recipe of ``variant``: defaults, then :data:`VARIANT_RECIPES`, then ``overrides``."""
+        return cls(**{"variant": variant, **VARIANT_RECIPES.get(variant, {}), **overrides})
 
     def __post_init__(self):
         if self.variant not in cat.VARIANTS:
@@ -227,7 +252,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     Returns:
         The run summary also written to ``out/testbed.json``.
     """
-    from vlmfix.testbed.modeling import build_model, count_parameters
+    from vlmfix.testbed.modeling import arch_for, build_model, count_parameters
 
     cfg = replace(cfg)  # time_budget_s may lower steps; keep the caller's object intact
     steps_requested = cfg.steps
@@ -236,7 +261,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     dev = _device(cfg.device)
     processor = build_processor()
     table = PromptTable(processor, dev)
-    model = build_model(cfg.seed).to(dev)
+    arch = arch_for(cfg.variant)
+    model = build_model(cfg.seed, arch).to(dev)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -321,6 +347,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         "variant": cfg.variant,
         "strength": scenes.resolve_strength(cfg.variant, cfg.strength),
         "config": asdict(cfg),
+        "arch": arch,
         "parameters": count_parameters(model),
         "steps_requested": steps_requested,
         "steps_done": step,
@@ -343,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default=defaults.variant, choices=cat.VARIANTS)
     ap.add_argument("--out", required=True, help="output folder (HF model + processor)")
     ap.add_argument("--strength", type=float, default=None)
-    ap.add_argument("--steps", type=int, default=defaults.steps)
+    ap.add_argument("--steps", type=int, default=None, help="default: the variant's recipe (2888; attention_sink 5776)")
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--lr", type=float, default=None, help=f"default: the variant's recipe ({defaults.lr})")
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--device", default=defaults.device)
     ap.add_argument("--log-every", type=int, default=defaults.log_every)
@@ -359,13 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-n", type=int, default=500, help="held-out scenes per split for --measure")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig(
-        variant=args.variant,
+    recipe = TrainConfig.for_variant(args.variant)
+    cfg = TrainConfig.for_variant(
+        args.variant,
         strength=args.strength,
-        steps=4 if args.smoke else args.steps,
+        steps=4 if args.smoke else (args.steps or recipe.steps),
         batch_size=4 if args.smoke else args.batch_size,
-        lr=args.lr,
-        warmup_steps=2 if args.smoke else defaults.warmup_steps,
+        lr=args.lr or recipe.lr,
+        warmup_steps=2 if args.smoke else recipe.warmup_steps,
         seed=args.seed,
         device="cpu" if args.smoke else args.device,
         log_every=2 if args.smoke else args.log_every,
@@ -380,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = measure_folder(args.out, n=8 if args.smoke else args.measure_n, device=cfg.device)
         print(json.dumps(metrics["summary"], indent=2))
+        from vlmfix.testbed.disease import measure_folder_disease
+
+        disease = measure_folder_disease(args.out, n=4 if args.smoke else min(args.measure_n, 200), device=cfg.device)
+        print(disease["markdown"])
     return 0
 
 
