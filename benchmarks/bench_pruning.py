@@ -12,7 +12,9 @@ Two scenarios, each measured in one process on one GPU (fp16, sdpa, cuDNN sdpa o
   random LLaVA-1.5-7B, beside plain vlmfix, random pre-LM pruning to the same 64 tokens,
   and adjacent merging.
 
-For each row: prefill time (``vlmfix.generate`` with one new token), decode ms per step
+The vlmfix rows use ``--backend`` (default ``auto``: Triton on CUDA); the peers' rows run
+the reference backend with its plain attention made eager. Run ``--backend reference`` too
+to compare like with like. For each row: prefill time (``vlmfix.generate`` with one new token), decode ms per step
 (``(total - prefill) / (new_tokens - 1)`` with EOS stopping off), peak memory, and the
 prefill speed-up over plain vlmfix of the same scenario. Prints a Markdown table.
 
@@ -75,7 +77,7 @@ def peers_eager():
         reference.attention = original
 
 
-def run_scenario(title, model, processor, images, prompts, rows, device, new_tokens, repeats):
+def run_scenario(title, model, processor, images, prompts, rows, device, new_tokens, repeats, backend="auto"):
     eos = model.generation_config.eos_token_id
     dtype = next(model.parameters()).dtype
     stock_inputs = prepare_inputs(processor, images, prompts, device=device, dtype=dtype)
@@ -89,10 +91,12 @@ def run_scenario(title, model, processor, images, prompts, rows, device, new_tok
                     return model.generate(**stock_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             model.generation_config.eos_token_id = []  # exactly n tokens per sample
             try:
-                if mode == "eager":
+                if mode == "eager":  # the reference backend, its plain attention made eager
                     with peers_eager():
-                        return vlmfix.generate(model, processor, images, prompts, configs(), max_new_tokens=n)
-                return vlmfix.generate(model, processor, images, prompts, configs(), max_new_tokens=n)
+                        return vlmfix.generate(
+                            model, processor, images, prompts, configs(), max_new_tokens=n, backend="reference"
+                        )
+                return vlmfix.generate(model, processor, images, prompts, configs(), max_new_tokens=n, backend=backend)
             finally:
                 model.generation_config.eos_token_id = eos
 
@@ -125,6 +129,9 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--backend", default="auto", help="vlmfix attention backend of the non-eager rows (auto, reference, triton)"
+    )
     args = parser.parse_args(argv)
 
     if args.tiny:
@@ -158,7 +165,8 @@ def main(argv=None):
         ("peers' way: FastV on eager attention", lambda: [vlmfix.FastV()], "eager"),
         ("peers' way: unpruned eager attention", lambda: [], "eager"),
     ]
-    tables.append(run_scenario("LLaVA-NeXT-7B (random), FastV", model, processor, images, prompts, rows, device, N, R))
+    title = f"LLaVA-NeXT-7B (random), FastV, backend {args.backend}"
+    tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
     del model, processor
     gc.collect()
     if device.type == "cuda":
@@ -173,7 +181,8 @@ def main(argv=None):
         ("random pre-LM pruning to 64", lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - budget)], "vlmfix"),
         ("adjacent merging 50%", lambda: [vlmfix.TokenMerge()], "vlmfix"),
     ]
-    tables.append(run_scenario("LLaVA-1.5-7B (random), pre-LM", model, processor, images, prompts, rows, device, N, R))
+    title = f"LLaVA-1.5-7B (random), pre-LM, backend {args.backend}"
+    tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
 
     what = "tiny random models (CPU dry run)" if args.tiny else "random full-size models, fp16, sdpa (cuDNN sdpa off)"
     print(f"\n{what} on {device_name}; torch {torch.__version__}\n")
