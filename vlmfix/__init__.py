@@ -34,6 +34,12 @@ _LAZY = {
     "M3ID": ("vlmfix.methods.m3id", "M3ID"),
     "AvisC": ("vlmfix.methods.avisc", "AvisC"),
     "PAICFG": ("vlmfix.methods.pai_cfg", "PAICFG"),
+    "FastV": ("vlmfix.methods.fastv", "FastV"),
+    "PyramidDrop": ("vlmfix.methods.pdrop", "PyramidDrop"),
+    "TokenExit": ("vlmfix.methods.token_exit", "TokenExit"),
+    "RandomPrune": ("vlmfix.methods.random_prune", "RandomPrune"),
+    "VisionZip": ("vlmfix.methods.visionzip", "VisionZip"),
+    "TokenMerge": ("vlmfix.methods.token_merge", "TokenMerge"),
     "DeCo": ("vlmfix.methods.deco", "DeCo"),
     "VISTA": ("vlmfix.methods.vista", "VISTA"),
     "LOL": ("vlmfix.methods.lol", "LOL"),
@@ -46,6 +52,7 @@ _LAZY = {
 __all__ = ["__version__", "load", "generate", "GenerationOutput", "attach", "AttachHandle", "methods", "Baseline"]
 __all__ += ["VCD", "ICD", "M3ID", "AvisC", "PAICFG"]
 __all__ += ["VAR", "PAI", "VHR", "PAINT", "vhd"]
+__all__ += ["FastV", "PyramidDrop", "TokenExit", "RandomPrune", "VisionZip", "TokenMerge"]
 __all__ += ["DeCo", "VISTA", "LOL", "RBD"]
 __all__ += ["ONLY", "AGLA", "HELPD"]
 
@@ -58,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.avisc import AvisC
     from vlmfix.methods.baseline import Baseline
     from vlmfix.methods.deco import DeCo
+    from vlmfix.methods.fastv import FastV
     from vlmfix.methods.helpd import HELPD
     from vlmfix.methods.icd import ICD
     from vlmfix.methods.lol import LOL
@@ -66,10 +74,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmfix.methods.pai import PAI
     from vlmfix.methods.pai_cfg import PAICFG
     from vlmfix.methods.paint import PAINT
+    from vlmfix.methods.pdrop import PyramidDrop
+    from vlmfix.methods.random_prune import RandomPrune
     from vlmfix.methods.rbd import RBD
+    from vlmfix.methods.token_exit import TokenExit
+    from vlmfix.methods.token_merge import TokenMerge
     from vlmfix.methods.var import VAR
     from vlmfix.methods.vcd import VCD
     from vlmfix.methods.vhr import VHR, vhd
+    from vlmfix.methods.visionzip import VisionZip
     from vlmfix.methods.vista import VISTA
 
 

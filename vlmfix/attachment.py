@@ -191,7 +191,7 @@ class AttachHandle:
         else:
             n = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
             # No host sync here: the new positions are assumed attended (see Layout.extend).
-            ctrl.layout = ctrl.layout.extend(n)
+            ctrl.extend_layouts(n)
             ctrl.begin_forward(is_prefill=False)
         for m in self.methods:
             m.on_forward(self, kwargs)

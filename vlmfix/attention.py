@@ -148,14 +148,35 @@ class Controller:
         self._last_marked: dict[str, int] = {}
         self._mask_key: tuple | None = None
         self._mask: torch.Tensor | None = None
+        # Token maps of layers that keep fewer keys (token pruning): ``(first_layer, layout)``
+        # in ascending order; layer ``l`` uses the last entry with ``first_layer <= l``.
+        self.layer_layouts: list[tuple[int, Layout]] = []
 
     def layer_state(self, layer_idx: int) -> dict[str, Any]:
         return self.state.setdefault(layer_idx, {})
 
     def layout_for(self, layer_idx: int) -> Layout | None:
         """The token map of one layer: positions, labels and (with pruning) the keys this
-        layer keeps. Every layer keeps every key today, so it is the batch layout."""
-        return self.layout
+        layer keeps. Without pruning every layer keeps every key: the batch layout."""
+        layout = self.layout
+        for first, pruned in self.layer_layouts:
+            if layer_idx < first:
+                break
+            layout = pruned
+        return layout
+
+    def set_layer_layout(self, first_layer: int, layout: Layout) -> None:
+        """From ``first_layer`` on (until a later entry), layers hold exactly the keys of
+        ``layout`` (a token-pruning method sets this during the prefill). Cleared at every
+        prefill; extended with the batch layout at every decode step."""
+        kept = [(f, lay) for f, lay in self.layer_layouts if f != first_layer]
+        self.layer_layouts = sorted([*kept, (first_layer, layout)], key=lambda e: e[0])
+
+    def extend_layouts(self, n: int) -> None:
+        """Append ``n`` generated positions to the batch layout and every per-layer layout
+        (in place in preallocated buffers; no host sync)."""
+        self.layout = self.layout.extend(n)
+        self.layer_layouts = [(f, lay.extend(n)) for f, lay in self.layer_layouts]
 
     @contextmanager
     def only(self, methods):
@@ -252,6 +273,8 @@ class Controller:
         """Called by the attachment before every model forward (host-side only)."""
         self.is_prefill = is_prefill
         self.forward_index += 1
+        if is_prefill:
+            self.layer_layouts = []
 
     def _mark_edit(self, method) -> None:
         # Counts forwards (not layers) in which a method edited at least one attention call,

@@ -188,6 +188,7 @@ from vlmfix.methods import agla as _agla  # noqa: E402,F401
 from vlmfix.methods import avisc as _avisc  # noqa: E402,F401
 from vlmfix.methods import baseline as _baseline  # noqa: E402,F401
 from vlmfix.methods import deco as _deco  # noqa: E402,F401
+from vlmfix.methods import fastv as _fastv  # noqa: E402,F401
 from vlmfix.methods import helpd as _helpd  # noqa: E402,F401
 from vlmfix.methods import icd as _icd  # noqa: E402,F401
 from vlmfix.methods import lol as _lol  # noqa: E402,F401
@@ -196,8 +197,13 @@ from vlmfix.methods import only as _only  # noqa: E402,F401
 from vlmfix.methods import pai as _pai  # noqa: E402,F401
 from vlmfix.methods import pai_cfg as _pai_cfg  # noqa: E402,F401
 from vlmfix.methods import paint as _paint  # noqa: E402,F401
+from vlmfix.methods import pdrop as _pdrop  # noqa: E402,F401
+from vlmfix.methods import random_prune as _random_prune  # noqa: E402,F401
 from vlmfix.methods import rbd as _rbd  # noqa: E402,F401
+from vlmfix.methods import token_exit as _token_exit  # noqa: E402,F401
+from vlmfix.methods import token_merge as _token_merge  # noqa: E402,F401
 from vlmfix.methods import var as _var  # noqa: E402,F401
 from vlmfix.methods import vcd as _vcd  # noqa: E402,F401
 from vlmfix.methods import vhr as _vhr  # noqa: E402,F401
+from vlmfix.methods import visionzip as _visionzip  # noqa: E402,F401
 from vlmfix.methods import vista as _vista  # noqa: E402,F401

@@ -75,6 +75,11 @@ def edit_rows(call, tracker: SequenceTracker):
         on). Decided on the host from shapes: no device sync.
     """
     last = tracker.last_prompt_row(call)
+    full = call.controller.layout
+    if full is not None and call.layout is not None and call.layout is not full:
+        # A layer that keeps fewer keys (token pruning) dropped only prompt keys: the last
+        # prompt row moves left by their number (host-side lengths, no sync).
+        last -= full.length - call.layout.length
     first = call.k_len - call.q_len  # key position of the call's first query row
     if first >= last:
         return None

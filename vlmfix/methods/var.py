@@ -206,13 +206,13 @@ class VARRuntime(Method):
             if self.fixed_dims:
                 dims = torch.tensor(self.fixed_dims, device=h.device).expand(B, -1)
             else:
-                dims = self._discover(h, ctrl.layout)
+                dims = self._discover(h, ctrl.layout_for(idx))
             state["var_dims"] = dims
             self._dims_seen[idx] = dims[0].tolist()  # prefill only: one sync per sequence
         dims = state["var_dims"]
         phi = h.gather(-1, dims[:, None, :].expand(B, T, dims.shape[-1])).abs().amax(-1)  # [B, T]
         sink = phi > self.config.tau
-        layout = ctrl.layout
+        layout = ctrl.layout_for(idx)  # the keys this layer holds (fewer under token pruning)
         length = layout.length if layout is not None else T
         buf = state.get("var_sink")
         if ctrl.is_prefill or buf is None or buf.shape[1] < length:
