@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows"]
+__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows", "probing_prefill", "probe_attention"]
 
 
 def check_layer_fields(config) -> None:
@@ -86,6 +86,21 @@ def edit_rows(call, tracker: SequenceTracker):
     if call.k_len - 1 < last:
         return False
     return (torch.arange(first, call.k_len, device=call.layout.labels.device) >= last)[None, :]
+
+
+def probing_prefill(call) -> bool:
+    """True in the prefill of a probe forward of :func:`vlmfix.generate` (the forward in
+    which AvisC, AGLA and RBD measure attention)."""
+    rows = call.controller.rows
+    return rows is not None and rows.probing and call.is_prefill
+
+
+def probe_attention(call, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """At a probe forward: the main rows' head-averaged last-row attention on the unedited
+    scores (``RowStats``), fp32 ``[B, Tk]``, and their image mask ``[B, Tk]``. Other methods'
+    probe-only rows, which may follow the main rows, are left out."""
+    main = call.controller.rows.main_rows
+    return result.row_stats.probs[main].mean(1), call.layout.image_mask[main]
 
 
 def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

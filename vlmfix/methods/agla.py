@@ -42,6 +42,7 @@ import torch
 from vlmfix.branches import BranchSpec, plausible
 from vlmfix.errors import StateError
 from vlmfix.methods import register
+from vlmfix.methods._attn_utils import probe_attention, probing_prefill
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["AGLA", "agla_keep_mask"]
@@ -103,14 +104,14 @@ class AGLAMethod(Method):
         return (BranchSpec("augmented_view", embeds=self._mask_embeds, probe=True),)
 
     def wants_row_stats(self, call) -> bool:
-        rows = call.controller.rows
-        return rows is not None and rows.probing and call.is_prefill
+        return probing_prefill(call)
 
     def observe(self, call, plan, result) -> None:
-        if result.row_stats is None or not self.wants_row_stats(call):
+        if result.row_stats is None or not probing_prefill(call):
             return
-        self._image = call.layout.image_mask
-        self._attn.append(result.row_stats.probs.mean(1))  # [B, Tk], head-averaged
+        probs, image = probe_attention(call, result)
+        self._image = image
+        self._attn.append(probs)  # [B, Tk], head-averaged
 
     def _masked(self) -> torch.Tensor:
         """Bool ``[B, L]``: image tokens hidden in the augmented view."""

@@ -28,6 +28,7 @@ import torch
 from vlmfix.branches import BranchSpec, contrast
 from vlmfix.errors import StateError
 from vlmfix.methods import register
+from vlmfix.methods._attn_utils import probe_attention, probing_prefill
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["AvisC"]
@@ -78,18 +79,14 @@ class AvisCMethod(Method):
         return (BranchSpec("blind_tokens_only", embeds=self._mask_embeds, probe=True),)
 
     def wants_row_stats(self, call) -> bool:
-        rows = call.controller.rows
-        return rows is not None and rows.probing and call.is_prefill
+        return probing_prefill(call)
 
     def observe(self, call, plan, result) -> None:
-        if result.row_stats is None or not self.wants_row_stats(call):
+        if result.row_stats is None or not probing_prefill(call):
             return
-        # head-averaged last-row attention (unedited scores, every non-pad key visible)
-        probs = result.row_stats.probs.mean(1)  # [B, Tk]
-        image = call.layout.image_mask
-        main = call.controller.rows.main_rows  # other methods' probe-only rows may follow the main rows
-        self._image_mask = image[main]
-        self._attn[call.layer_idx] = (probs * image)[main]
+        probs, image = probe_attention(call, result)
+        self._image_mask = image
+        self._attn[call.layer_idx] = probs * image
 
     def _blind(self) -> torch.Tensor:
         """Bool ``[B, L]``: image tokens to zero in the contrast row (the non-blind ones)."""

@@ -28,7 +28,7 @@ import torch
 from vlmfix.branches import BranchSpec, plausible
 from vlmfix.errors import StateError
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import check_layer_fields, layer_set
+from vlmfix.methods._attn_utils import check_layer_fields, layer_set, probe_attention, probing_prefill
 from vlmfix.methods.base import Method, MethodConfig, help_field
 from vlmfix.methods.vcd import diffusion_noise
 
@@ -97,16 +97,12 @@ class RBDMethod(Method):
         )
 
     def wants_row_stats(self, call) -> bool:
-        rows = call.controller.rows
-        return rows is not None and rows.probing and call.is_prefill
+        return probing_prefill(call)
 
     def observe(self, call, plan, result) -> None:
-        if result.row_stats is None or not self.wants_row_stats(call):
+        if result.row_stats is None or not probing_prefill(call):
             return
-        main = call.controller.rows.main_rows
-        # head-averaged last-row attention (unedited scores, every non-pad key visible)
-        probs = result.row_stats.probs[main].mean(1)  # [B, Tk]
-        image = call.layout.image_mask[main]
+        probs, image = probe_attention(call, result)
         self._image = image
         self._attn = probs * image if self._attn is None else self._attn + probs * image
 
