@@ -115,7 +115,7 @@ class Controller:
     def __init__(self, model, adapter, methods, backend: str = "auto"):
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
-        self._execute, self._row_stats = reference.execute, _reference_row_stats
+        self._execute, self._row_stats = reference.execute, reference.plan_row_stats
         self._decode_execute = reference.execute
         if self.backend == "triton":
             from vlmfix.kernels import triton_backend
@@ -260,7 +260,6 @@ class Controller:
             m.contribute(call, plan)
             if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
-        plan.want_row_stats = False  # already computed above
         execute = self._decode_execute if q_len <= DECODE_ROWS else self._execute
         out, result = execute(query, key, value, plan, scaling)
         result.row_stats = call.row_stats
@@ -312,12 +311,6 @@ def resolve_backend(backend: str, device) -> str:
     if chosen == "triton":
         dispatch.require(device)
     return chosen
-
-
-def _reference_row_stats(query, key, value, plan, scaling):
-    mask = plan.mask
-    vis_row = mask[:, 0, -1] if mask is not None else plan.labels != reference.PAD
-    return reference.row_stats(query, key, value, vis_row, plan.labels, scaling)
 
 
 def _overrides(obj, name: str) -> bool:

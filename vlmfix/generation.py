@@ -37,6 +37,7 @@ from vlmfix.attachment import attach
 from vlmfix.beam import BeamSearch
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
+from vlmfix.layout import positions_from_mask
 from vlmfix.methods.base import MethodConfig
 
 __all__ = ["GenerationOutput", "generate", "prepare_inputs", "prepare_rows", "sample_next"]
@@ -421,7 +422,7 @@ def _decode_loop(
     attention_mask = inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     B, copies = rows.num_samples, 1 + len(rows.branches)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    position_ids = positions_from_mask(attention_mask)
     n_rows = rows.num_rows
     per_method = {
         id(m): [k for k, (owner, _) in enumerate(branches[: len(rows.branches)]) if owner is m] for m in handle.methods

@@ -17,7 +17,7 @@ import torch
 
 from vlmfix.adapters import Adapter, image_token_structure
 
-__all__ = ["Label", "Part", "Layout", "build_layout", "text_layout", "resolve_parts_from_embeddings"]
+__all__ = ["Label", "Part", "Layout", "build_layout", "positions_from_mask", "text_layout", "resolve_parts_from_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def build_layout(
             image_idx += 1
     if attention_mask is not None:
         valid = attention_mask.to(device).long()
-        positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
+        positions = positions_from_mask(valid)
         padded = not bool(valid.all())  # one host sync, at prefill only
     else:
         positions = torch.arange(input_ids.shape[1], device=device).expand(B, -1)
@@ -283,12 +283,19 @@ def build_layout(
     )
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token positions ``[B, L]`` of a left-padded batch: ``cumsum(mask) - 1``, 0 at padding
+    (the position ids transformers' ``generate`` gives the same batch)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def text_layout(attention_mask: torch.Tensor) -> Layout:
     """The layout of a text-only, left-padded batch (``attention_mask`` ``[B, L]``)."""
     valid = attention_mask.long()
     B, L = valid.shape
     labels = torch.where(valid.bool(), Label.TEXT, Label.PAD).to(torch.int8)
-    positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
+    positions = positions_from_mask(valid)
     none = torch.full((B,), -1, dtype=torch.long, device=valid.device)
     return Layout.from_tensors(
         labels, torch.zeros_like(labels), positions, none, none, L, has_image=False, padded=True

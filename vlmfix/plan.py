@@ -16,7 +16,8 @@ A plan holds, for a call with queries ``[B, H, Tq, D]`` and keys ``[B, Hkv, Tk, 
   ``[B, Tq]``; None = every row) with ``score_coef`` fp32 ``[B, H or 1, Tk]`` (PAI, PAINT).
 * post-softmax reweighting (VAR): :class:`Reweight`.
 * ``head_scale`` fp32 ``[B, H]``: multiplies each head's output (VHR).
-* ``want_row_stats``: also return :class:`RowStats` of the last query row.
+* ``want_row_stats``: a method asked for :class:`RowStats` of the last query row; they are
+  measured before any edit (``call.row_stats``) and reported in :class:`PlanResult`.
 
 Composition (the order is fixed, whatever order methods were attached in):
 
@@ -117,7 +118,8 @@ class AttentionPlan:
         score_coef: fp32 ``[B, H or 1, Tk]`` or None.
         reweight: a :class:`Reweight` or None.
         head_scale: fp32 ``[B, H]`` or None.
-        want_row_stats: compute :class:`RowStats` of the last query row.
+        want_row_stats: a method asked for :class:`RowStats` of the last query row (the
+            controller measures them before the edits; backends do not read this flag).
     """
 
     layer: int

@@ -3,8 +3,8 @@
 Any device, any dtype, exact (scores in fp32). It materialises the ``[B, H, Tq, Tk]``
 score matrix only when a plan edits scores or probabilities; plain attention (and a
 head-scale-only plan) goes through ``torch.nn.functional.scaled_dot_product_attention``.
-Row statistics are computed beside the main pass from the last query row alone
-(``O(H * Tk * D)``). See :mod:`vlmfix.plan` for what a plan means.
+Row statistics (:func:`plan_row_stats`) are computed beside the main pass, before any
+edit, from the last query row alone (``O(H * Tk * D)``). See :mod:`vlmfix.plan` for what a plan means.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 PAD = 4  # vlmfix.layout.Label.PAD (not imported: this module stays free of vlmfix imports)
 IMAGE, IMAGE_SINK = 2, 3
 
-__all__ = ["attention", "expand_kv", "as_bool_mask", "execute", "row_stats", "visible_mask"]
+__all__ = ["attention", "expand_kv", "as_bool_mask", "execute", "row_stats", "plan_row_stats", "visible_mask"]
 
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[B, Hkv, T, D]`` -> ``[B, Hkv * n_rep, T, D]`` (grouped-query attention)."""
@@ -120,6 +120,12 @@ def row_stats(query, key, value, visible_row: torch.Tensor, labels: torch.Tensor
     return RowStats(probs=probs, out=out, out_text=out_text)
 
 
+def plan_row_stats(query, key, value, plan: AttentionPlan, scaling: float) -> RowStats:
+    """:func:`row_stats` of a plan's last query row (its visible keys from ``plan.mask``)."""
+    vis_row = plan.mask[:, 0, -1] if plan.mask is not None else plan.labels != PAD
+    return row_stats(query, key, value, vis_row, plan.labels, scaling)
+
+
 def _reweight(probs: torch.Tensor, labels: torch.Tensor, rw) -> tuple[torch.Tensor, torch.Tensor]:
     weights = rw.weights
     if weights is None:
@@ -154,9 +160,6 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
 
     result = PlanResult()
     mask = plan.mask
-    if plan.want_row_stats:
-        vis_row = mask[:, 0, -1].expand(plan.labels.shape[0], -1) if mask is not None else plan.labels != PAD
-        result.row_stats = row_stats(query, key, value, vis_row, plan.labels, scaling)
     if plan.score_coef is None and plan.reweight is None:
         out = attention(query, key, value, None if plan.plain_causal else mask, scaling, guarded=True)
     else:

@@ -54,8 +54,7 @@ def row_stats(query, key, value, plan: AttentionPlan, scaling: float):
     reason = unsupported_reason(query, plan)
     if reason is not None:
         _fallback(reason)
-        vis_row = plan.mask[:, 0, -1] if plan.mask is not None else plan.labels != reference.PAD
-        return reference.row_stats(query, key, value, vis_row, plan.labels, scaling)
+        return reference.plan_row_stats(query, key, value, plan, scaling)
     probs, out_text = last_row_stats(
         query[:, :, -1], key, value, labels=plan.labels, k_pos=plan.k_pos, q_pos_row=plan.q_pos[:, -1], scale=scaling
     )

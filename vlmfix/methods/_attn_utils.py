@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows", "probing_prefill", "probe_attention"]
+__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows", "probing_prefill", "probe_attention", "DecodeRowCount"]
 
 
 def check_layer_fields(config) -> None:
@@ -159,3 +159,26 @@ class SequenceTracker:
         if self.prompt_length is None:
             return call.k_len - 1
         return self.prompt_length - 1
+
+
+class DecodeRowCount:
+    """Decode row-heads an attention method edited, counted without a device op per layer.
+
+    Per sequence, the number of samples with an image is a device scalar taken once; the
+    row-heads of each decode call are counted on the host. :meth:`total` multiplies them
+    (one sync per sequence, in ``stats()``).
+    """
+
+    def __init__(self) -> None:
+        # id(image_end) -> [image_end (kept alive, so the id stays unique), samples, row-heads]
+        self._seqs: dict[int, list] = {}
+
+    def add(self, layout, row_heads: int) -> None:
+        entry = self._seqs.get(id(layout.image_end))
+        if entry is None:
+            ends = layout.image_end
+            entry = self._seqs[id(ends)] = [ends, (ends >= 0).sum(), 0]
+        entry[2] += row_heads
+
+    def total(self) -> int:
+        return sum(int(samples) * row_heads for _, samples, row_heads in self._seqs.values())

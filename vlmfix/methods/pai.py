@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, edit_rows, layer_set
+from vlmfix.methods._attn_utils import DecodeRowCount, SequenceTracker, check_layer_fields, edit_rows, layer_set
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAI", "PAIRuntime"]
@@ -70,9 +70,8 @@ class PAIRuntime(Method):
         self.layers: frozenset[int] = frozenset()
         self._rows = 0
         self._calls = 0
-        self._row_counts: dict = {}  # id -> [device count of samples with an image, host row-heads]
+        self._decode_rows = DecodeRowCount()
         self._cached = None
-        self._samples = None
 
     def on_attach(self, handle) -> None:
         super().on_attach(handle)
@@ -92,20 +91,15 @@ class PAIRuntime(Method):
         layout = call.layout
         if self._cached is None or self._cached[0] is not layout:  # once per forward, not per layer
             image = layout.image_mask  # [B, Tk]
-            if call.is_prefill or self._samples is None:  # samples with an image: once per sequence
-                self._samples = image.any(-1).sum()
-                self._row_counts[id(self._samples)] = [self._samples, 0]
             self._cached = (layout, image[:, None, :] * float(self.config.alpha))
         coef = self._cached[1]
-        # telemetry without a device op per layer: decode rows are counted on the host and
-        # multiplied by the (device) number of samples with an image once, in stats()
-        if rows is None:
-            self._row_counts[id(self._samples)][1] += call.q_len * call.num_heads
-        else:
-            self._rows = self._rows + rows.sum() * call.num_heads * self._samples
+        if rows is None:  # a decode call: counted on the host (DecodeRowCount)
+            self._decode_rows.add(layout, call.q_len * call.num_heads)
+        else:  # accumulated on the device; read once in stats()
+            self._rows = self._rows + rows.sum() * call.num_heads * (layout.image_end >= 0).sum()
         plan.score_rows = rows if rows is None else rows.expand(layout.batch_size, -1)
         plan.add_score_edit(coef)
 
     def stats(self) -> dict[str, Any]:
-        rows = int(self._rows) + sum(int(n) * k for n, k in self._row_counts.values())
+        rows = int(self._rows) + self._decode_rows.total()
         return {"layers": sorted(self.layers), "rows_touched": rows, "calls_edited": self._calls}

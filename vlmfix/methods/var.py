@@ -34,7 +34,7 @@ import torch
 
 from vlmfix.layout import Label
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import check_layer_fields, layer_set, rms_normalise
+from vlmfix.methods._attn_utils import DecodeRowCount, check_layer_fields, layer_set, rms_normalise
 from vlmfix.methods.base import Method, MethodConfig, help_field
 from vlmfix.plan import Reweight
 
@@ -144,7 +144,7 @@ class VARRuntime(Method):
         self._rows_total = 0
         self._rows_selected = 0
         self._sinks: dict[int, torch.Tensor] = {}
-        self._decode_rows: dict = {}  # id -> [device count of samples with an image, host row-heads]
+        self._decode_rows = DecodeRowCount()
         self._dims_seen: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ setup
@@ -262,7 +262,7 @@ class VARRuntime(Method):
             if "var_labels" not in state or state["var_labels"].shape[1] < call.k_len:
                 return
             rows = state["var_rows"].expand(-1, call.q_len)  # decode rows follow the image
-            self._decode_rows[id(call.layout.image_end)][1] += call.q_len * call.num_heads
+            self._decode_rows.add(call.layout, call.q_len * call.num_heads)
         # Per-layer views of buffers prepared at the prefill: no work per decode step.
         plan.labels = state["var_labels"][:, : call.k_len]
         weights = state["var_weights"][:, :, : call.k_len]
@@ -286,9 +286,6 @@ class VARRuntime(Method):
         state["var_labels"] = labels
         state["var_weights"] = torch.stack((image, image_sink), dim=-1).float()[:, None]
         state["var_rows"] = (layout.image_end >= 0)[:, None]
-        key = id(layout.image_end)  # one entry per sequence, shared by its layers
-        if key not in self._decode_rows:
-            self._decode_rows[key] = [state["var_rows"].sum(), 0]
         self._sinks[call.layer_idx] = image_sink.sum()  # device: read in stats()
 
     def observe(self, call, plan, result) -> None:
@@ -298,7 +295,7 @@ class VARRuntime(Method):
         self._rows_selected = self._rows_selected + result.selected.sum()
 
     def stats(self) -> dict[str, Any]:
-        total = int(self._rows_total) + sum(int(n) * k for n, k in self._decode_rows.values())
+        total = int(self._rows_total) + self._decode_rows.total()
         selected = int(self._rows_selected)
         return {
             "layers": sorted(self.layers),
