@@ -190,9 +190,12 @@ class AttachHandle:
             ctrl.state.clear()
         else:
             n = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-            # No host sync here: the new positions are assumed attended (see Layout.extend).
-            ctrl.extend_layouts(n)
             ctrl.begin_forward(is_prefill=False)
+            if ctrl.static is not None:
+                ctrl.write_static()  # the static decode path: fill this step's column in place
+            else:
+                # No host sync here: the new positions are assumed attended (see Layout.extend).
+                ctrl.extend_layouts(n)
         for m in self.methods:
             m.on_forward(self, kwargs)
         attention.set_in_flight(ctrl)

@@ -151,6 +151,45 @@ class Controller:
         # Token maps of layers that keep fewer keys (token pruning): ``(first_layer, layout)``
         # in ascending order; layer ``l`` uses the last entry with ``first_layer <= l``.
         self.layer_layouts: list[tuple[int, Layout]] = []
+        # The static decode path's state (vlmfix.fastpath.StaticDecode), between the prefill
+        # and the end of a fast-path generate; None on the eager path.
+        self.static = None
+
+    def enter_static(self, static) -> None:
+        """Switch to static decoding after a prefill: every token map gets exactly
+        ``static.capacity`` columns (see :meth:`Layout.as_static`)."""
+        self.static = static
+        self.layout = self.layout.as_static(static.capacity)
+        self.layer_layouts = [(f, lay.as_static(static.capacity)) for f, lay in self.layer_layouts]
+
+    def account_replays(self, n: int) -> None:
+        """Telemetry of a captured decode step that ran ``n`` more times than Python ran it
+        (CUDA graph replays): the last forward's edit counts, and each method's
+        :meth:`~vlmfix.methods.Method.replayed`."""
+        if n <= 0:
+            return
+        for name, index in self._last_marked.items():
+            if index == self.forward_index:
+                self.edited_forwards[name]["decode"] += n
+        for m in self.methods:
+            m.replayed(n)
+
+    def exit_static(self) -> None:
+        self.static = None
+
+    def write_static(self) -> None:
+        """A static decode step: fill this step's column of every token map on the device."""
+        st = self.static
+        index = st.step - 1  # the token of step s is the (s-1)-th generated key
+        self.layout = self.layout.write_static(index, st.q_pos)
+        self.layer_layouts = [(f, lay.write_static(index, st.q_pos)) for f, lay in self.layer_layouts]
+
+    def query_positions(self, q_len: int) -> torch.Tensor:
+        """Token positions ``[B, q_len]`` of the forward's query rows: the last ``q_len``
+        columns of the batch layout, or the step's positions on the static decode path."""
+        if self.static is not None and not self.is_prefill:
+            return self.static.q_pos
+        return self.layout.positions[:, -q_len:]
 
     def layer_state(self, layer_idx: int) -> dict[str, Any]:
         return self.state.setdefault(layer_idx, {})
@@ -196,6 +235,8 @@ class Controller:
             return self._mask
         if self.custom_mask:
             mask = reference.as_bool_mask(attention_mask, q_len, k_len, layout.labels.device)
+        elif self.static is not None and not self.is_prefill:
+            mask = reference.visible_mask(layout.labels, self.static.q_pos, layout.positions)
         elif not layout.padded and q_len in (1, k_len):
             mask = None
         else:
@@ -225,14 +266,16 @@ class Controller:
             raise LayoutMismatchError(
                 f"layer {layer_idx}: vlmfix tracks {layout.length} key positions but the attention call has "
                 f"{k_len} keys (q_len={q_len}); refusing to run it without the attached methods. This is a "
-                "vlmfix bug or an unsupported cache (fixed-capacity caches are not supported yet)."
+                "vlmfix bug or an unsupported cache (a fixed-capacity cache works only through "
+                "vlmfix.generate's fast path, decode_path='auto'/'graph'/'static')."
             )
         mask = self._visible(layout, q_len, k_len, attention_mask)
         positions = layout.positions
+        static = self.static is not None and not self.is_prefill
         plan = AttentionPlan(
             layer=layer_idx,
             labels=layout.labels,
-            q_pos=positions[:, k_len - q_len :],
+            q_pos=self.static.q_pos if static else positions[:, k_len - q_len :],
             k_pos=positions,
             plain_causal=mask is None,
             mask=mask,
@@ -274,6 +317,7 @@ class Controller:
         self.forward_index += 1
         if is_prefill:
             self.layer_layouts = []
+            self.static = None
 
     def _mark_edit(self, method) -> None:
         # Counts forwards (not layers) in which a method edited at least one attention call,

@@ -58,6 +58,10 @@ class GenerationOutput:
         prompt_lengths: number of prompt tokens per sample (padding excluded).
         sequence_scores: with ``num_beams > 1``, per prompt the beam score of the returned
             hypothesis (sum of log-probabilities / length ** length_penalty); else None.
+        decode: how the decode steps ran: ``path`` (``"graph"``, ``"static"`` or
+            ``"eager"``), ``requested`` (the ``decode_path`` argument), ``fallback`` (why
+            the path is not the requested one, else None), ``capture_s`` (CUDA graph
+            capture time), ``replays`` (steps served by graph replays).
     """
 
     texts: list[str]
@@ -66,6 +70,7 @@ class GenerationOutput:
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_lengths: list[int] = field(default_factory=list)
     sequence_scores: list[float] | None = None
+    decode: dict[str, Any] = field(default_factory=dict)
 
 
 def _open_image(img):
@@ -239,6 +244,7 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    decode_path: str = "auto",
 ) -> GenerationOutput:
     """Generate answers for a batch of (image, prompt) pairs with methods attached.
 
@@ -264,6 +270,13 @@ def generate(
         early_stopping: beam search: ``True`` stops a sample at ``num_beams`` finished
             hypotheses; ``False`` (default) when the best running beam cannot win any more;
             ``"never"``: the canonical bound with the maximum length.
+        decode_path: ``"auto"`` (default: ``"graph"`` on CUDA, ``"eager"`` elsewhere),
+            ``"graph"`` (static KV cache, the decode step captured once as a CUDA graph and
+            replayed), ``"static"`` (the same static step, run uncaptured: any device) or
+            ``"eager"`` (a growing cache, one Python step per token: the off switch). All
+            give the same tokens; see :mod:`vlmfix.fastpath`. Requests the static step
+            cannot serve (no cache, beam search, a method that declares a reason) run eagerly,
+            with the reason in :attr:`GenerationOutput.decode` and the log.
 
     Returns:
         A :class:`GenerationOutput`.
@@ -287,6 +300,9 @@ def generate(
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
     device = next(model.parameters()).device
+    from vlmfix import fastpath
+
+    path = fastpath.resolve_decode_path(decode_path, device)
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = _eos_ids(model, processor)
@@ -320,6 +336,14 @@ def generate(
             )
         handle.controller.rows = rows
         handle.controller.decode_capacity = max_new_tokens
+        decode = {"requested": decode_path, "path": path, "fallback": None, "capture_s": 0.0, "replays": 0}
+        if path != "eager":
+            why = fastpath.blockers(handle.methods, use_cache=use_cache, num_beams=num_beams)
+            if why:
+                decode.update(path="eager", fallback="; ".join(why))
+                (logger.info if decode_path == "auto" else logger.warning)(
+                    "vlmfix: decoding eagerly: %s", decode["fallback"]
+                )
         try:
             tokens, scores = _decode_loop(
                 model,
@@ -336,9 +360,12 @@ def generate(
                     logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
                 ),
                 beam=beam,
+                decode=decode,
+                generator=generator if do_sample else None,
             )
         finally:
             handle.controller.rows = None
+            handle.controller.exit_static()
         stats = handle.stats()
 
     token_ids: list[list[int]] = []
@@ -361,6 +388,7 @@ def generate(
         stats=stats,
         prompt_lengths=prompt_lengths,
         sequence_scores=beam.best()[1].tolist() if beam is not None else None,
+        decode=decode,
     )
 
 
@@ -408,20 +436,33 @@ def _embeds_hook(rows: RowMap, edits: list[tuple[int, BranchSpec]], prompt_lengt
 
 
 def _decode_loop(
-    model, handle, inputs, *, rows, branches, max_new_tokens, eos, pad_id, use_cache, return_scores, pick, beam=None
+    model,
+    handle,
+    inputs,
+    *,
+    rows,
+    branches,
+    max_new_tokens,
+    eos,
+    pad_id,
+    use_cache,
+    return_scores,
+    pick,
+    beam=None,
+    decode=None,
+    generator=None,
 ):
     """Prefill then decode every row; returns the answers' ``(tokens[B, T], scores[B, T, V] or None)``.
 
     With ``beam`` (a :class:`~vlmfix.beam.BeamSearch`) the main rows are the beams and the
-    answer of each sample is its best finished hypothesis."""
+    answer of each sample is its best finished hypothesis. ``decode["path"]`` chooses the
+    eager loop or the static step of :mod:`vlmfix.fastpath` (which updates ``decode``)."""
     from dataclasses import replace
-
-    from transformers import DynamicCache
 
     input_ids = inputs["input_ids"]
     attention_mask = inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    B, copies = rows.num_samples, 1 + len(rows.branches)
+    B = rows.num_samples
     position_ids = positions_from_mask(attention_mask)
     n_rows = rows.num_rows
     per_method = {
@@ -454,6 +495,60 @@ def _decode_loop(
         lm = handle.adapter.get(model, "language_model")
         hook = lm.register_forward_pre_hook(_embeds_hook(rows, edits, input_ids.shape[1]), with_kwargs=True)
 
+    def apply_methods(step, all_logits):
+        logits = all_logits[:B]
+        for m in handle.methods:
+            if per_method[id(m)]:
+                logits = m.combine(step, logits, [all_logits[rows.branch_rows(k)] for k in per_method[id(m)]])
+            logits = m.process_logits(step, logits)
+        return logits
+
+    state = dict(
+        model=model,
+        handle=handle,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        extra=extra,
+        rows=rows,
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        pad_id=pad_id,
+        return_scores=return_scores,
+        pick=pick,
+        apply_methods=apply_methods,
+    )
+    try:
+        if decode is not None and decode["path"] != "eager":
+            return _static_loop(**state, decode=decode, generator=generator)
+        return _eager_loop(**state, use_cache=use_cache, beam=beam)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _eager_loop(
+    *,
+    model,
+    handle,
+    input_ids,
+    attention_mask,
+    position_ids,
+    extra,
+    rows,
+    max_new_tokens,
+    eos,
+    pad_id,
+    return_scores,
+    pick,
+    apply_methods,
+    use_cache,
+    beam,
+):
+    """One Python step per token on a growing ``DynamicCache`` (or none)."""
+    from transformers import DynamicCache
+
+    B, copies = rows.num_samples, 1 + len(rows.branches)
     cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
     cache_kw = _compat.cache_kwarg(model)
     R, L = input_ids.shape
@@ -469,54 +564,45 @@ def _decode_loop(
     finished = _AllDone(dev)
     all_scores = []
     steps = 0
-    try:
-        for step in range(max_new_tokens):
-            n = L + step  # sequence length before this step's token
-            kwargs = dict(attention_mask=seq_mask[:, :n], use_cache=use_cache, logits_to_keep=1)
-            kwargs[cache_kw] = cache
-            if step == 0 or not use_cache:
-                kwargs.update(extra)
-                out = model(input_ids=seq_ids[:, :n], position_ids=seq_pos[:, :n], **kwargs)
-            else:
-                out = model(input_ids=seq_ids[:, n - 1 : n], position_ids=seq_pos[:, n - 1 : n], **kwargs)
-            all_logits = out.logits[:, -1, :].float()
-            logits = all_logits[:B]
+    for step in range(max_new_tokens):
+        n = L + step  # sequence length before this step's token
+        kwargs = dict(attention_mask=seq_mask[:, :n], use_cache=use_cache, logits_to_keep=1)
+        kwargs[cache_kw] = cache
+        if step == 0 or not use_cache:
+            kwargs.update(extra)
+            out = model(input_ids=seq_ids[:, :n], position_ids=seq_pos[:, :n], **kwargs)
+        else:
+            out = model(input_ids=seq_ids[:, n - 1 : n], position_ids=seq_pos[:, n - 1 : n], **kwargs)
+        logits = apply_methods(step, out.logits[:, -1, :].float())
+        if return_scores:
+            all_scores.append(logits)
+        if beam is not None:
+            penalty = None
             for m in handle.methods:
-                if per_method[id(m)]:
-                    logits = m.combine(step, logits, [all_logits[rows.branch_rows(k)] for k in per_method[id(m)]])
-                logits = m.process_logits(step, logits)
-            if return_scores:
-                all_scores.append(logits)
-            if beam is not None:
-                penalty = None
-                for m in handle.methods:
-                    p = m.beam_penalty(step)
-                    if p is not None:
-                        penalty = p if penalty is None else penalty + p
-                nxt, source = beam.step(step, logits, penalty)
-                index = (source[None, :] + torch.arange(copies, device=dev)[:, None] * B).reshape(-1)
-                _reorder_rows(handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
-                seq_ids[:, n] = nxt.repeat(copies)
-                seq_pos[:, n] = seq_pos[:, n - 1] + 1
-                steps = step + 1
-                if finished.update(beam.stopped):
-                    break
-                continue
-            nxt = pick(logits)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            generated[:, step] = nxt
-            steps = step + 1
-            if eos_t is not None:
-                done = done | torch.isin(nxt, eos_t)
+                p = m.beam_penalty(step)
+                if p is not None:
+                    penalty = p if penalty is None else penalty + p
+            nxt, source = beam.step(step, logits, penalty)
+            index = (source[None, :] + torch.arange(copies, device=dev)[:, None] * B).reshape(-1)
+            _reorder_rows(handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
             seq_ids[:, n] = nxt.repeat(copies)
             seq_pos[:, n] = seq_pos[:, n - 1] + 1
-            # EOS check without a blocking sync per step: the flag of this step is copied
-            # to the host asynchronously and read at the next step (one extra step at most).
-            if eos_t is not None and finished.update(done):
+            steps = step + 1
+            if finished.update(beam.stopped):
                 break
-    finally:
-        if hook is not None:
-            hook.remove()
+            continue
+        nxt = pick(logits)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        generated[:, step] = nxt
+        steps = step + 1
+        if eos_t is not None:
+            done = done | torch.isin(nxt, eos_t)
+        seq_ids[:, n] = nxt.repeat(copies)
+        seq_pos[:, n] = seq_pos[:, n - 1] + 1
+        # EOS check without a blocking sync per step: the flag of this step is copied
+        # to the host asynchronously and read at the next step (one extra step at most).
+        if eos_t is not None and finished.update(done):
+            break
     if beam is not None:
         tokens = beam.best()[0][:, :steps]
         scores = None
@@ -529,6 +615,108 @@ def _decode_loop(
     tokens = generated[:, :steps]
     scores = torch.stack(all_scores, dim=1) if return_scores else None
     return tokens, scores
+
+
+def _static_loop(
+    *,
+    model,
+    handle,
+    input_ids,
+    attention_mask,
+    position_ids,
+    extra,
+    rows,
+    max_new_tokens,
+    eos,
+    pad_id,
+    return_scores,
+    pick,
+    apply_methods,
+    decode,
+    generator,
+):
+    """The fast path (:mod:`vlmfix.fastpath`): the prefill as on the eager path, into a
+    static cache; then one step function of device buffers, replayed as a CUDA graph."""
+    from vlmfix import fastpath
+
+    B, copies = rows.num_samples, 1 + len(rows.branches)
+    R, L = input_ids.shape
+    T = max_new_tokens
+    dev = input_ids.device
+    ctrl = handle.controller
+    cache = fastpath.static_cache(model, L + T)
+    cache_kw = _compat.cache_kwarg(model)
+    generated = torch.full((B, T), pad_id, dtype=input_ids.dtype, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    finished = _AllDone(dev)
+    scores = None
+
+    # Step 0: the prefill, exactly as the eager loop runs it.
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+        **extra,
+    )
+    logits = apply_methods(0, out.logits[:, -1, :].float())
+    del out
+    if return_scores:
+        scores = torch.zeros((B, T, logits.shape[-1]), dtype=logits.dtype, device=dev)
+        scores[:, 0] = logits
+    nxt = pick(logits)
+    generated[:, 0] = nxt
+    if eos_t is not None:
+        done |= torch.isin(nxt, eos_t)
+    steps = 1
+    if T == 1 or (eos_t is not None and finished.update(done)):
+        return generated[:, :steps], scores[:, :steps] if scores is not None else None
+
+    # Static buffers of the decode step.
+    ids_in = nxt.repeat(copies)[:, None].clone()
+    pos_in = (position_ids[:, -1:] + 1).clone()
+    step_t = torch.ones((), dtype=torch.long, device=dev)
+    mask_in = torch.ones((R, L + T), dtype=attention_mask.dtype, device=dev)
+    pad = torch.full((B,), pad_id, dtype=generated.dtype, device=dev)
+    ctrl.enter_static(fastpath.StaticDecode(capacity=L + T, q_pos=pos_in, step=step_t))
+
+    def step_fn():
+        o = model(
+            input_ids=ids_in,
+            position_ids=pos_in,
+            attention_mask=mask_in,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+        lg = apply_methods(step_t, o.logits[:, -1, :].float())
+        col = step_t.view(1)
+        if scores is not None:
+            scores.index_copy_(1, col, lg[:, None])
+        tok = torch.where(done, pad, pick(lg))
+        generated.index_copy_(1, col, tok[:, None])
+        if eos_t is not None:
+            done.logical_or_(torch.isin(tok, eos_t))
+        ids_in.copy_(tok.repeat(copies)[:, None])
+        pos_in.add_(1)
+        step_t.add_(1)
+
+    runner = fastpath.GraphRunner(step_fn, decode["path"], dev, generator)
+    for _ in range(1, T):
+        runner()
+        steps += 1
+        if eos_t is not None and finished.update(done):
+            break
+    if runner.graph is not None:
+        # Python ran the captured step once; the graph ran it `replays` times.
+        ctrl.account_replays(runner.replays - 1)
+    if runner.fallback is not None:
+        decode.update(path="static", fallback=runner.fallback)
+    decode.update(capture_s=round(runner.capture_s, 4), replays=runner.replays)
+    return generated[:, :steps], scores[:, :steps] if scores is not None else None
 
 
 def _reorder_rows(handle, cache, index: torch.Tensor, buffers, n: int) -> None:

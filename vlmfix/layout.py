@@ -22,6 +22,10 @@ __all__ = ["Label", "Part", "Layout", "build_layout", "positions_from_mask", "te
 logger = logging.getLogger(__name__)
 
 
+# The position of a static map's future columns: no query position reaches it.
+UNREACHABLE = 2**62
+
+
 class Label(IntEnum):
     """What a key position holds. ``*_SINK`` labels are per-layer overlays set by methods."""
 
@@ -75,6 +79,7 @@ class Layout:
     unresolved: tuple = ()
     has_image: bool = True
     padded: bool = False
+    static_base: int | None = None
 
     @classmethod
     def from_tensors(
@@ -164,6 +169,39 @@ class Layout:
         step = torch.arange(1, n + 1, device=positions.device)
         positions[:, L : L + n] = positions[:, L - 1 : L] + step if L > 0 else step - 1
         return replace(self, buffers=bufs, length=L + n)
+
+    def as_static(self, capacity: int) -> Layout:
+        """This map with exactly ``capacity`` columns, for the static decode path
+        (:mod:`vlmfix.fastpath`): the columns from :attr:`length` on are ``PAD`` with an
+        unreachable position, so neither the label rule nor the position rule lets a query
+        see them until :meth:`write_static` fills them in."""
+        L = self.length
+        if capacity < L:
+            from vlmfix.errors import StateError
+
+            raise StateError(f"a static map of {capacity} columns cannot hold the {L} filled ones")
+        bufs = self.buffers
+        if self.capacity < capacity:
+            bufs = Layout.from_tensors(
+                self.labels, self.parts, self.positions, self.image_start, self.image_end, self.prompt_length,
+                capacity=capacity,
+            ).buffers
+        labels, parts, positions = (b[:, :capacity] for b in bufs)
+        labels[:, L:] = Label.PAD
+        parts[:, L:] = 0
+        positions[:, L:] = UNREACHABLE
+        return replace(self, buffers=(labels, parts, positions), length=capacity, static_base=L)
+
+    def write_static(self, index: torch.Tensor, position: torch.Tensor) -> Layout:
+        """Fill column ``static_base + index`` of a static map (``index``: 0-dim long, the
+        generated tokens already in the map) with a generated token at ``position`` (long
+        ``[B, 1]``), in place on the device; returns a fresh map object over the same
+        buffers (so masks derived from the labels are recomputed)."""
+        col = (index + self.static_base).view(1)
+        labels, _, positions = self.buffers
+        labels.index_fill_(1, col, int(Label.TEXT))
+        positions.index_copy_(1, col, position.to(positions.dtype))
+        return replace(self)
 
     def select(self, rows: torch.Tensor | list[int]) -> Layout:
         """The layout of a subset (or repetition) of the batch rows."""

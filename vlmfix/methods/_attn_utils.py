@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows", "probing_prefill", "probe_attention", "DecodeRowCount"]
+__all__ = ["layer_set", "scaled_layers", "SequenceTracker", "query_positions", "rms_normalise", "edit_rows", "probing_prefill", "probe_attention", "DecodeRowCount", "accumulate"]
 
 
 def check_layer_fields(config) -> None:
@@ -103,6 +103,16 @@ def probe_attention(call, result) -> tuple[torch.Tensor, torch.Tensor]:
     return result.row_stats.probs[main].mean(1), call.layout.image_mask[main]
 
 
+def accumulate(total, value: torch.Tensor) -> torch.Tensor:
+    """``total + value`` for a device-side telemetry counter: a new tensor the first time
+    (``total`` a number), then added in place, so a replayed CUDA graph of a decode step
+    keeps adding (a rebound ``total = total + value`` would be frozen at capture). The
+    first call must happen eagerly (at the prefill or the first decode step)."""
+    if not isinstance(total, torch.Tensor):
+        return value + total
+    return total.add_(value)
+
+
 def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMS normalisation over the last dimension (fp32)."""
     x = x.float()
@@ -172,13 +182,23 @@ class DecodeRowCount:
     def __init__(self) -> None:
         # id(image_end) -> [image_end (kept alive, so the id stays unique), samples, row-heads]
         self._seqs: dict[int, list] = {}
+        self._last: tuple[int, list, int] | None = None  # (forward, entry, row-heads added in it)
 
-    def add(self, layout, row_heads: int) -> None:
+    def add(self, layout, row_heads: int, forward: int = -1) -> None:
         entry = self._seqs.get(id(layout.image_end))
         if entry is None:
             ends = layout.image_end
             entry = self._seqs[id(ends)] = [ends, (ends >= 0).sum(), 0]
         entry[2] += row_heads
+        if self._last is not None and self._last[0] == forward and self._last[1] is entry:
+            self._last = (forward, entry, self._last[2] + row_heads)
+        else:
+            self._last = (forward, entry, row_heads)
+
+    def repeat_last_forward(self, n: int) -> None:
+        """Count the row-heads of the last forward ``n`` more times (CUDA graph replays)."""
+        if self._last is not None:
+            self._last[1][2] += self._last[2] * n
 
     def total(self) -> int:
         return sum(int(samples) * row_heads for _, samples, row_heads in self._seqs.values())

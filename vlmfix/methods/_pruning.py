@@ -331,7 +331,7 @@ class PruningRuntime(Method):
         ropes = self._fwd.setdefault("decode_rope", {})
         if stage not in ropes:
             hidden = args[0] if args else kwargs["hidden_states"]
-            pos = self.handle.controller.layout.positions[:, -hidden.shape[1] :] - self._shift[stage][:, None]
+            pos = self.handle.controller.query_positions(hidden.shape[1]) - self._shift[stage][:, None]
             rotary = self.handle.adapter.get(self.handle.model, "language_model").rotary_emb
             ropes[stage] = rotary(hidden, position_ids=pos)
         kwargs["position_embeddings"] = ropes[stage]

@@ -186,7 +186,21 @@ class Method:
 
     Contrastive methods also declare extra rows for :func:`vlmfix.generate` with
     :meth:`branches` and merge their logits in :meth:`combine` (see :mod:`vlmfix.branches`).
+
+    The fast decode path (:mod:`vlmfix.fastpath`) runs a decode step's hooks once in Python
+    and then replays what they did on the device (a CUDA graph). So in decode steps a hook
+    must also keep no Python state that changes from step to step: ``step`` reaches
+    :meth:`process_logits` / :meth:`combine` as a Python int at the prefill and as a 0-dim
+    device tensor afterwards (use it in tensor arithmetic only); device state is updated in
+    place (``t.add_(x)``, not ``t = t + x``); host-side counters are brought up to date by
+    :meth:`replayed`. In a static decode call ``call.k_len`` is the cache capacity and the
+    query's position is ``plan.q_pos`` (not its column). A method that cannot meet this
+    sets :attr:`fast_path_blocker` to the reason, and :func:`vlmfix.generate` decodes
+    eagerly when it is attached.
     """
+
+    #: Why this method cannot run on the static decode path (None: it can).
+    fast_path_blocker: str | None = None
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -251,6 +265,10 @@ class Method:
         ``[B, V]`` per entry of :meth:`branches`, same order) at generation step ``step``.
         Runs before this method's :meth:`process_logits`."""
         return logits
+
+    def replayed(self, n: int) -> None:
+        """The last decode forward ran ``n`` more times on the device than its hooks ran in
+        Python (CUDA graph replays): add its host-side telemetry ``n`` more times."""
 
     def stats(self) -> dict[str, Any]:
         """Telemetry gathered since attach (JSON-serialisable)."""

@@ -126,7 +126,7 @@ class DeCoMethod(Method):
         early = torch.stack([early_exit_logits(self.handle, outputs.last(i, main)) for i in outputs.layers])
         out, layer = deco_correct(logits, early, cfg.alpha, cfg.top_k, cfg.top_p)
         counts = torch.bincount(layer, minlength=len(outputs.layers))
-        self._counts = counts if self._counts is None else self._counts + counts
+        self._counts = counts.clone() if self._counts is None else self._counts.add_(counts)
         outputs.clear()
         return out
 

@@ -114,6 +114,10 @@ class HELPDMethod(Method):
     def observe(self, call, plan, result) -> None:
         if result.row_stats is None or not self.wants_row_stats(call):
             return
+        if call.controller.static is not None:
+            # the static decode path serves greedy / sampled decoding only, where the
+            # penalty (a beam score term) is never read
+            return
         if self._prompt is None:
             self._prompt = call.k_len
             R, T = call.layout.batch_size, call.controller.decode_capacity

@@ -8,7 +8,6 @@ correction grows as generation drifts away from the image.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,7 +50,8 @@ class M3IDMethod(Method):
         return (BranchSpec("no_image", with_image=False),)
 
     def combine(self, step, logits, branch_logits):
-        gamma = math.exp(-self.config.decay * (step + 1))
+        # `step` is an int or (fast path) a device tensor: tensor arithmetic serves both
+        gamma = torch.exp(-self.config.decay * (torch.as_tensor(step, device=logits.device) + 1).float())
         cond = torch.log_softmax(logits, dim=-1)
         uncond = torch.log_softmax(branch_logits[0].float(), dim=-1)
         return cond + (1 - gamma) / gamma * (cond - uncond)

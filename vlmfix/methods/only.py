@@ -48,6 +48,7 @@ import torch
 from vlmfix.branches import plausible
 from vlmfix.layout import Label
 from vlmfix.methods import register
+from vlmfix.methods._attn_utils import accumulate
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["ONLY", "only_branch_weights"]
@@ -180,8 +181,12 @@ class ONLYMethod(Method):
         agree = tvd < cfg.gamma
         out = torch.where(agree, logits + cfg.alpha_pos * cd, (1 + cfg.alpha_neg) * logits - cfg.alpha_neg * cd)
         self._steps = self._steps + logits.shape[0]
-        self._agree = self._agree + agree.sum()  # device counter, read in stats()
+        self._last_rows = logits.shape[0]
+        self._agree = accumulate(self._agree, agree.sum())  # device counter, read in stats()
         return out.masked_fill(~plausible(logits, cfg.beta), float("-inf"))
+
+    def replayed(self, n: int) -> None:
+        self._steps += self._last_rows * n
 
     def stats(self) -> dict[str, Any]:
         steps = int(self._steps)

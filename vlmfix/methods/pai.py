@@ -71,6 +71,7 @@ class PAIRuntime(Method):
         self._rows = 0
         self._calls = 0
         self._decode_rows = DecodeRowCount()
+        self._decode_calls = (-1, 0)  # (forward, decode calls edited in it)
         self._cached = None
 
     def on_attach(self, handle) -> None:
@@ -94,11 +95,18 @@ class PAIRuntime(Method):
             self._cached = (layout, image[:, None, :] * float(self.config.alpha))
         coef = self._cached[1]
         if rows is None:  # a decode call: counted on the host (DecodeRowCount)
-            self._decode_rows.add(layout, call.q_len * call.num_heads)
+            forward = call.controller.forward_index
+            self._decode_rows.add(layout, call.q_len * call.num_heads, forward)
+            same = self._decode_calls[0] == forward
+            self._decode_calls = (forward, self._decode_calls[1] + 1 if same else 1)
         else:  # accumulated on the device; read once in stats()
             self._rows = self._rows + rows.sum() * call.num_heads * (layout.image_end >= 0).sum()
         plan.score_rows = rows if rows is None else rows.expand(layout.batch_size, -1)
         plan.add_score_edit(coef)
+
+    def replayed(self, n: int) -> None:
+        self._decode_rows.repeat_last_forward(n)
+        self._calls += self._decode_calls[1] * n
 
     def stats(self) -> dict[str, Any]:
         rows = int(self._rows) + self._decode_rows.total()

@@ -43,7 +43,13 @@ import torch
 
 from vlmfix.layout import Part
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import SequenceTracker, check_layer_fields, edit_rows, layer_set
+from vlmfix.methods._attn_utils import (
+    SequenceTracker,
+    accumulate,
+    check_layer_fields,
+    edit_rows,
+    layer_set,
+)
 from vlmfix.methods.base import Method, MethodConfig, help_field
 
 __all__ = ["PAINT", "PAINTRuntime", "LOCAL", "SUMMARY"]
@@ -306,7 +312,7 @@ class PAINTRuntime(Method):
             gain = self._boost[:, None, : call.k_len]  # [B, 1, Tk]
         # accumulated on the device; read (one sync) only in stats()
         n_rows = call.q_len if rows is None else rows.sum()
-        self._rows = self._rows + n_rows * call.num_heads * self._boosted
+        self._rows = accumulate(self._rows, n_rows * call.num_heads * self._boosted)
         plan.score_rows = rows if rows is None else rows.expand(B, -1)
         plan.add_score_edit(gain)
 

@@ -34,7 +34,13 @@ import torch
 
 from vlmfix.layout import Label
 from vlmfix.methods import register
-from vlmfix.methods._attn_utils import DecodeRowCount, check_layer_fields, layer_set, rms_normalise
+from vlmfix.methods._attn_utils import (
+    DecodeRowCount,
+    accumulate,
+    check_layer_fields,
+    layer_set,
+    rms_normalise,
+)
 from vlmfix.methods.base import Method, MethodConfig, help_field
 from vlmfix.plan import Reweight
 
@@ -262,7 +268,7 @@ class VARRuntime(Method):
             if "var_labels" not in state or state["var_labels"].shape[1] < call.k_len:
                 return
             rows = state["var_rows"].expand(-1, call.q_len)  # decode rows follow the image
-            self._decode_rows.add(call.layout, call.q_len * call.num_heads)
+            self._decode_rows.add(call.layout, call.q_len * call.num_heads, call.controller.forward_index)
         # Per-layer views of buffers prepared at the prefill: no work per decode step.
         plan.labels = state["var_labels"][:, : call.k_len]
         weights = state["var_weights"][:, :, : call.k_len]
@@ -292,7 +298,10 @@ class VARRuntime(Method):
         if plan.reweight is None or result.selected is None or call.layer_idx not in self.layers:
             return
         # device-side counter: no host sync per layer; stats() reads it once
-        self._rows_selected = self._rows_selected + result.selected.sum()
+        self._rows_selected = accumulate(self._rows_selected, result.selected.sum())
+
+    def replayed(self, n: int) -> None:
+        self._decode_rows.repeat_last_forward(n)
 
     def stats(self) -> dict[str, Any]:
         total = int(self._rows_total) + self._decode_rows.total()

@@ -1,0 +1,151 @@
+"""The fast decode path (static cache, one captured step) gives the eager path's tokens.
+
+On the CPU the static step runs uncaptured (``decode_path="static"``); on a CUDA machine
+the same tests run ``decode_path="graph"``, where the step is captured once and replayed,
+so Python ran each decode hook once while the device ran it every step. Every registered
+method is compared on all three tiny families: same tokens, the same per-step logits
+within fp32 noise, the same telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import PROMPTS, make_images, tiny
+
+import vlmfix
+from vlmfix.errors import ConfigError
+
+CUDA = torch.cuda.is_available()
+FAST = "graph" if CUDA else "static"
+DEVICE = "cuda" if CUDA else "cpu"
+STEPS = 6
+
+
+def _model(family):
+    model, processor = tiny(family)
+    return model.to(DEVICE), processor
+
+
+def _config(name):
+    if name == "var":  # the tiny LMs have no massive activations: a low tau makes sinks exist
+        return vlmfix.VAR(tau=2.0, start_layer=1, end_layer=0)
+    return vlmfix.methods.get(name)()
+
+
+def _pair(model, processor, methods, n=3, **kw):
+    images, prompts = make_images(n), PROMPTS[:n]
+    kw = {"max_new_tokens": STEPS, "return_scores": True, **kw}
+    eager = vlmfix.generate(model, processor, images, prompts, methods=methods, decode_path="eager", **kw)
+    fast = vlmfix.generate(model, processor, images, prompts, methods=methods, decode_path=FAST, **kw)
+    return eager, fast
+
+
+def _assert_same(eager, fast):
+    assert fast.token_ids == eager.token_ids
+    for a, b in zip(eager.scores, fast.scores):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert fast.stats == eager.stats
+    assert eager.decode["path"] == "eager"
+
+
+@pytest.mark.parametrize("name", vlmfix.methods.available())
+def test_every_method_gives_the_eager_tokens(family, name):
+    model, processor = _model(family)
+    eager, fast = _pair(model, processor, [_config(name)])
+    assert fast.decode["path"] == FAST and fast.decode["fallback"] is None
+    _assert_same(eager, fast)
+    if CUDA:  # every step after the first decode step was a graph replay
+        assert fast.decode["replays"] == STEPS - 2 and fast.decode["capture_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "methods",
+    [
+        lambda: [vlmfix.VAR(tau=2.0), vlmfix.VCD()],
+        lambda: [vlmfix.PAI(), vlmfix.VAR(tau=2.0), vlmfix.VHR(), vlmfix.PAINT()],
+        lambda: [vlmfix.FastV(k=1, repack_positions=True)],
+        lambda: [vlmfix.M3ID(), vlmfix.PAI()],
+    ],
+    ids=["var+vcd", "four_attention", "fastv_repacked", "m3id+pai"],
+)
+def test_compositions_give_the_eager_tokens(methods):
+    model, processor = _model("llava")
+    _assert_same(*_pair(model, processor, methods()))
+
+
+@pytest.mark.parametrize("methods", [lambda: [], lambda: [vlmfix.VCD()]], ids=["plain", "vcd"])
+def test_seeded_sampling_draws_the_same_tokens(methods):
+    model, processor = _model("llava")
+    eager, fast = _pair(model, processor, methods(), do_sample=True, temperature=1.3, top_p=0.9, top_k=50, seed=7)
+    _assert_same(eager, fast)
+
+
+def test_eos_stops_like_the_eager_path():
+    model, processor = _model("llava")
+    images, prompts = make_images(3), PROMPTS[:3]
+    base = vlmfix.generate(model, processor, images, prompts, max_new_tokens=STEPS, decode_path="eager")
+    # make the token that sample 0 produces at step 2 an EOS token: sample 0 stops there
+    eos = base.token_ids[0][2]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        eager, fast = _pair(model, processor, [])
+    finally:
+        model.generation_config.eos_token_id = saved
+    _assert_same(eager, fast)
+    assert fast.token_ids[0][-1] == eos and len(fast.token_ids[0]) <= 3
+
+
+def test_one_new_token_and_a_single_row():
+    model, processor = _model("llava_next")
+    _assert_same(*_pair(model, processor, [vlmfix.PAI()], n=1, max_new_tokens=1))
+    _assert_same(*_pair(model, processor, [vlmfix.VCD()], n=1, max_new_tokens=2))
+
+
+def test_requests_the_static_step_cannot_serve_fall_back_with_a_reason(caplog):
+    model, processor = _model("llava")
+    images, prompts = make_images(2), PROMPTS[:2]
+    with caplog.at_level(logging.WARNING, logger="vlmfix.generation"):
+        out = vlmfix.generate(model, processor, images, prompts, max_new_tokens=3, decode_path=FAST, use_cache=False)
+    assert out.decode["path"] == "eager" and "use_cache=False" in out.decode["fallback"]
+    assert "use_cache=False" in caplog.text
+    out = vlmfix.generate(model, processor, images, prompts, max_new_tokens=3, decode_path=FAST, num_beams=2)
+    assert out.decode["path"] == "eager" and "beam search" in out.decode["fallback"]
+
+
+def test_auto_picks_graph_on_cuda_and_eager_elsewhere():
+    model, processor = _model("llava")
+    out = vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], max_new_tokens=2)
+    assert out.decode["path"] == ("graph" if CUDA else "eager") and out.decode["requested"] == "auto"
+
+
+def test_bad_decode_paths_are_refused_before_any_work():
+    model, processor = _model("llava")
+    with pytest.raises(ConfigError, match="decode_path='fast'"):
+        vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], decode_path="fast")
+    if not CUDA:
+        with pytest.raises(ConfigError, match="use decode_path='static'"):
+            vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], decode_path="graph")
+
+
+def test_a_blocking_method_decodes_eagerly(monkeypatch):
+    from vlmfix.methods.pai import PAIRuntime
+
+    monkeypatch.setattr(PAIRuntime, "fast_path_blocker", "keeps per-step Python state", raising=False)
+    model, processor = _model("llava")
+    out = vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], [vlmfix.PAI()], max_new_tokens=2, decode_path=FAST)
+    assert out.decode["path"] == "eager" and out.decode["fallback"] == "pai: keeps per-step Python state"
+
+
+def test_the_model_is_left_as_it_was():
+    model, processor = _model("llava")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config.get_text_config()._attn_implementation
+    _pair(model, processor, [vlmfix.PAI(), vlmfix.VCD()])
+    assert model.config.get_text_config()._attn_implementation == impl
+    assert vlmfix.attachment.active_handle(model) is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

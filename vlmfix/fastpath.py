@@ -1,0 +1,228 @@
+"""The fast decode path of :func:`vlmfix.generate`: a static KV cache and one CUDA graph.
+
+The eager loop (:func:`vlmfix.generation._decode_loop`) pays for every decode step in
+Python and kernel launches: hundreds of small launches per step for a 7B model, more with
+attention methods attached. The fast path removes that cost without changing a token:
+
+1. **Static cache.** The prefill runs eagerly, as on the eager path, but writes its keys and
+   values into :class:`StaticKV` layers sized to the request (prompt length ``L`` plus
+   ``max_new_tokens``). A prefill call still sees exactly its ``L`` keys (a view), so every
+   method's prefill is unchanged; every decode call sees the whole capacity ``C``, with the
+   columns not generated yet invisible.
+2. **Static token maps.** The controller switches its layouts (the batch layout and every
+   per-layer layout of token pruning) to :meth:`~vlmfix.layout.Layout.as_static` maps of
+   exactly ``C`` columns: generated columns are written in place at a device-side cursor
+   (label ``TEXT``, the token's position), future columns are ``PAD`` with an unreachable
+   position, so both the label and the position rule hide them. The query's position comes
+   from the step's ``position_ids`` (:attr:`StaticDecode.q_pos`), not from its column.
+3. **One step function.** Model forward, the methods' logits edits and contrastive combine,
+   sampling, the EOS flags and the input of the next step are written into preallocated
+   buffers by one function of device tensors only (``step`` reaches the methods as a 0-dim
+   device tensor). On CUDA it runs once eagerly (the warm-up and first decode step), is
+   captured once into a ``torch.cuda.CUDAGraph`` and replayed for every later step;
+   elsewhere (or with ``decode_path="static"``) it runs eagerly each step, which is how the
+   CPU tests check that the fast path gives the eager path's tokens.
+
+Where capture is impossible the step keeps running uncaptured, and the reason is logged and
+recorded in :attr:`vlmfix.GenerationOutput.decode`; where the static step itself does not
+apply (no KV cache, beam search, or a method that declares a reason in
+:attr:`vlmfix.methods.Method.fast_path_blocker`) :func:`vlmfix.generate` uses the eager loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DECODE_PATHS", "StaticDecode", "StaticKV", "static_cache", "blockers", "resolve_decode_path"]
+
+logger = logging.getLogger(__name__)
+
+DECODE_PATHS = ("auto", "eager", "static", "graph")
+
+
+def resolve_decode_path(decode_path: str, device) -> str:
+    """``"auto"`` -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"graph"`` needs CUDA."""
+    from vlmfix.errors import ConfigError
+
+    if decode_path not in DECODE_PATHS:
+        raise ConfigError(f"decode_path={decode_path!r} is not one of {DECODE_PATHS}")
+    cuda = torch.device(device).type == "cuda"
+    if decode_path == "auto":
+        return "graph" if cuda else "eager"
+    if decode_path == "graph" and not cuda:
+        raise ConfigError(
+            f"decode_path='graph' captures CUDA graphs but the model is on {device}; "
+            "use decode_path='static' (same step, uncaptured) or 'eager'"
+        )
+    return decode_path
+
+
+def blockers(methods, *, use_cache: bool, num_beams: int) -> list[str]:
+    """Why the static step cannot serve this request (empty when it can)."""
+    out = []
+    if not use_cache:
+        out.append("use_cache=False recomputes the whole sequence at every step")
+    if num_beams > 1:
+        out.append("beam search reorders rows, the cache and method state between steps")
+    for m in methods:
+        reason = getattr(m, "fast_path_blocker", None)
+        if reason:
+            out.append(f"{m.name}: {reason}")
+    return out
+
+
+class StaticKV:
+    """One decoder layer's KV cache of fixed capacity (a transformers cache layer).
+
+    The prefill writes its ``L`` keys at columns ``0..L-1`` and returns views of exactly
+    those columns (the same values as a ``DynamicCache``). A decode call writes its key at
+    the device-side cursor :attr:`length` and returns the whole buffer; the caller's mask
+    hides the columns not written yet. Nothing here reads a device value on the host.
+    """
+
+    is_compileable = True
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.is_initialized = False
+        self.length: torch.Tensor | None = None  # device cursor: columns written
+        self.prefill_length = 0  # host: columns written by the prefill
+
+    def __repr__(self) -> str:
+        return f"StaticKV(capacity={self.capacity})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        dev = key_states.device
+        self.keys = torch.zeros((B, H, self.capacity, D), dtype=key_states.dtype, device=dev)
+        self.values = torch.zeros((B, H, self.capacity, value_states.shape[-1]), dtype=value_states.dtype, device=dev)
+        self.length = torch.zeros((), dtype=torch.long, device=dev)
+        self.device = dev
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.prefill_length == 0:
+            if n > self.capacity:
+                from vlmfix.errors import StateError
+
+                raise StateError(f"the prefill holds {n} keys but the static cache was sized for {self.capacity}")
+            self.keys[:, :, :n] = key_states
+            self.values[:, :, :n] = value_states
+            self.length.fill_(n)
+            self.prefill_length = n
+            return self.keys[:, :, :n], self.values[:, :, :n]
+        index = self.length.view(1) + torch.arange(n, device=self.device)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        self.length.add_(n)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        # Host-side: the prefill length (decode steps are counted on the device only).
+        return self.prefill_length
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return (query_length if self.prefill_length == 0 else self.capacity), 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.length.zero_()
+        self.prefill_length = 0
+
+
+def static_cache(model, capacity: int):
+    """A transformers ``Cache`` of :class:`StaticKV` layers for the text model of ``model``."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    layer_cls = type("VlmfixStaticKV", (StaticKV, CacheLayerMixin), {})
+    n = model.config.get_text_config().num_hidden_layers
+    return Cache(layers=[layer_cls(capacity) for _ in range(n)])
+
+
+@dataclass
+class StaticDecode:
+    """The controller's static-decode state (set by the fast path after the prefill).
+
+    Attributes:
+        capacity: key columns of every decode call (the static cache capacity ``C``).
+        q_pos: long ``[R, 1]``, the position of this step's token per row (written by the
+            step before the forward).
+        step: 0-dim long, the decode step (0 for the first token after the prefill's).
+    """
+
+    capacity: int
+    q_pos: torch.Tensor
+    step: torch.Tensor
+
+
+class GraphRunner:
+    """Runs a step function eagerly once, then captures it and replays it.
+
+    ``mode="graph"`` captures on CUDA; a capture that fails leaves the step running
+    uncaptured (:attr:`fallback` says why). ``mode="static"`` never captures.
+    """
+
+    def __init__(self, fn, mode: str, device, generator: torch.Generator | None = None):
+        self.fn = fn
+        self.mode = mode
+        self.device = torch.device(device)
+        self.generator = generator
+        self.graph = None
+        self.calls = 0
+        self.replays = 0
+        self.capture_s = 0.0
+        self.fallback: str | None = None
+        self.on_capture = None  # called after a successful capture (telemetry bookkeeping)
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+            return
+        if self.mode != "graph" or self.calls == 1 or self.fallback is not None:
+            self.fn()
+            return
+        self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self.fn()
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        try:
+            with torch.cuda.graph(graph):
+                self.fn()
+        except Exception as exc:  # capture is an optimisation: keep going uncaptured
+            self.fallback = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding uncaptured"
+            logger.warning("vlmfix fast path: %s", self.fallback)
+            torch.cuda.synchronize(self.device)
+            return
+        torch.cuda.synchronize(self.device)
+        self.graph = graph
+        self.capture_s = time.perf_counter() - t0
+        if self.on_capture is not None:
+            self.on_capture()
