@@ -303,7 +303,9 @@ class Controller:
             m.contribute(call, plan)
             if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
-        execute = self._decode_execute if q_len <= DECODE_ROWS else self._execute
+        # A static decode step is replayed as a CUDA graph, where kernel launches cost
+        # nothing on the host: it takes the backend's kernels like a prefill.
+        execute = self._decode_execute if q_len <= DECODE_ROWS and not static else self._execute
         out, result = execute(query, key, value, plan, scaling)
         result.row_stats = call.row_stats
         for m in methods:

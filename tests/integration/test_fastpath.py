@@ -149,3 +149,17 @@ def test_the_model_is_left_as_it_was():
     assert vlmfix.attachment.active_handle(model) is None
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.skipif(not CUDA, reason="the Triton kernels run captured on CUDA only")
+@pytest.mark.parametrize("name", ["var", "pai", "paint", "vhr", "only"])
+def test_triton_kernels_inside_the_captured_step(name):
+    """On the fast path decode calls take the backend's kernels (launch cost is gone)."""
+    from vlmfix.testing import build_tiny
+
+    model, processor = build_tiny("llava", head_dim=64, dtype=torch.float16)
+    model = model.to(DEVICE)
+    eager, fast = _pair(model, processor, [_config(name)], backend="triton")
+    assert fast.decode["path"] == "graph" and fast.token_ids == eager.token_ids
+    for a, b in zip(eager.scores, fast.scores):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)

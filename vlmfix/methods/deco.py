@@ -125,7 +125,9 @@ class DeCoMethod(Method):
         main = slice(0, logits.shape[0])
         early = torch.stack([early_exit_logits(self.handle, outputs.last(i, main)) for i in outputs.layers])
         out, layer = deco_correct(logits, early, cfg.alpha, cfg.top_k, cfg.top_p)
-        counts = torch.bincount(layer, minlength=len(outputs.layers))
+        # scatter_add, not bincount: bincount reads the maximum on the host (a sync)
+        counts = torch.zeros(len(outputs.layers), dtype=torch.long, device=layer.device)
+        counts.scatter_add_(0, layer, torch.ones_like(layer))
         self._counts = counts.clone() if self._counts is None else self._counts.add_(counts)
         outputs.clear()
         return out
