@@ -284,3 +284,15 @@ def test_cli_refuses_a_non_empty_out_and_checks_suites(tmp_path, capsys):
     assert "shipped suite" in capsys.readouterr().err
     assert main(["bench", "--suite", "tiny", "--check"]) == 0
     assert "suite tiny" in capsys.readouterr().out
+
+
+def test_the_suite_in_the_docs_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
+    suite = parse_suite(yaml.safe_load(block), name="docs")
+    assert [v.name for v in suite.variants][-1] == "pai-strong" and suite.variants[-1].methods[0].alpha == 0.5
