@@ -1,9 +1,9 @@
 """Speed of contrastive decoding: VCD batch-fused vs plain decoding vs two calls per step.
 
 Builds a randomly initialised full-size LLaVA-1.5-7B (CLIP ViT-L/14-336 + Llama-2-7B,
-fp16, sdpa with cuDNN sdpa disabled) from its config, so no download is needed (compute
-does not depend on weight values), and generates a fixed number of tokens (EOS stopping
-off, greedy) for one batch of prompts with:
+fp16, sdpa with cuDNN sdpa disabled) from its config with ``vlmfix.bench.build_llava_7b``,
+so no download is needed (compute does not depend on weight values), and generates a
+fixed number of tokens (EOS stopping off, greedy) for one batch of prompts with:
 
 * ``hf_generate``: stock ``model.generate`` (sdpa), the reference of DESIGN.md section 9;
 * ``vlmfix``: plain :func:`vlmfix.generate`, no method;
@@ -27,106 +27,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
-import numpy as np
 import torch
 
 import vlmfix
 from vlmfix._compat import cache_kwarg
+from vlmfix.bench.models import build_llava_7b, make_batch
 from vlmfix.branches import contrast
 from vlmfix.generation import prepare_inputs
 from vlmfix.methods.vcd import diffusion_noise
-from vlmfix.testing import LLAVA15_CHAT_TEMPLATE, build_tiny, build_tiny_tokenizer
-
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-
-
-def instantiate_fp16(model_cls, config, device):
-    """Build ``model_cls(config)`` with sdpa, directly in fp16 on ``device`` (no fp32 copy)."""
-    config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = model_cls(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
-
-
-def build_llava_7b(device):
-    """Random LLaVA-1.5-7B (fp16, sdpa) with a word-level tokenizer and a 336px CLIP processor."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    tokenizer = build_tiny_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    model = instantiate_fp16(LlavaForConditionalGeneration, config, device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessor(
-                size={"shortest_edge": 336},
-                crop_size={"height": 336, "width": 336},
-                image_mean=CLIP_MEAN,
-                image_std=CLIP_STD,
-            ),
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA15_CHAT_TEMPLATE,  # LLaVA-1.5's conversation format
-        )
-    model.generation_config.pad_token_id = 0
-    return model, processor
-
-
-def make_batch(n: int, size: int, seed: int = 0):
-    """``n`` random images and prompts of 6 to 23 words (so the batch is left-padded)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    words = sorted(w for w in build_tiny_tokenizer().get_vocab() if w.isalpha() and w.islower())
-    images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
-    prompts = [" ".join(rng.choice(words, size=int(rng.integers(6, 24)))) for _ in range(n)]
-    return images, prompts
+from vlmfix.testing import build_tiny
 
 
 @torch.inference_mode()

@@ -1,8 +1,8 @@
 """Cost of every method on a full-size (random) LLaVA-1.5-7B, against plain decoding.
 
-Builds the model from its config (``bench_contrastive.build_llava_7b``: fp16, sdpa, cuDNN
-sdpa off), then for one left-padded batch generates exactly ``--new-tokens`` tokens
-(greedy, EOS stopping off) with ``vlmfix.generate`` and each registered method at its
+Builds the model from its config (``vlmfix.bench.build_llava_7b`` or
+``build_llava_next_7b``: fp16, sdpa, cuDNN sdpa off), then for one left-padded batch
+generates exactly ``--new-tokens`` tokens (greedy, EOS stopping off) with ``vlmfix.generate`` and each registered method at its
 paper defaults, plus stock ``model.generate`` as the reference. Variants run interleaved
 in rounds (medians over ``--repeats`` rounds). Reports total time,
 prefill time (the same call with one new token), ms per decode step, peak memory and the
@@ -30,53 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark mo
 import bench_contrastive as bc  # noqa: E402
 
 import vlmfix  # noqa: E402
+from vlmfix.bench.models import build_llava_next_7b  # noqa: E402 (bench_pruning imports it from here)
 from vlmfix.generation import prepare_inputs  # noqa: E402
 from vlmfix.testing import build_tiny  # noqa: E402
-
-
-def build_llava_next_7b(device):
-    """Random LLaVA-NeXT-7B (Vicuna-7B LM, CLIP ViT-L/14-336, any-res grids up to 672px), fp16, sdpa."""
-    import warnings
-
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
-
-    from vlmfix.testing import LLAVA15_CHAT_TEMPLATE, build_tiny_tokenizer
-
-    base, _ = bc.build_llava_7b("meta")  # reuse the 7B vision/text configs without allocating weights
-    tokenizer = build_tiny_tokenizer()
-    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    config = LlavaNextConfig(
-        vision_config=base.config.vision_config,
-        text_config=base.config.text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = bc.instantiate_fp16(LlavaNextForConditionalGeneration, config, device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        processor = LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessor(
-                size={"shortest_edge": 336},
-                crop_size={"height": 336, "width": 336},
-                image_grid_pinpoints=pinpoints,
-                image_mean=bc.CLIP_MEAN,
-                image_std=bc.CLIP_STD,
-            ),
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA15_CHAT_TEMPLATE,
-        )
-    model.generation_config.pad_token_id = 0
-    return model, processor
 
 
 def _summary(stats: dict) -> str:

@@ -10,7 +10,9 @@ vlmfix supports transformers ``>=5.17,<6``. Inside that range some names moved:
 * a config's attention implementation is stored in ``_attn_implementation_internal``
   (the public ``_attn_implementation`` property normalises ``None`` to a default, so a
   bit-for-bit restore must read and write the private field);
-* the any-res grid helpers live in the LLaVA-NeXT modeling module.
+* the any-res grid helpers live in the LLaVA-NeXT modeling module;
+* whether ``generate`` compiled a model's decode step (static cache on CUDA) shows only
+  in the private ``_compiled_call`` it keeps on the model.
 
 Nothing else in vlmfix touches these; when a release moves one, this module is the only
 place to change. Tests run against the oldest (5.17) and the newest 5.x release.
@@ -38,6 +40,7 @@ __all__ = [
     "image_size_to_num_patches",
     "anyres_grid_shape",
     "unpad_image",
+    "generate_compiled",
 ]
 
 # Every name under which a model's forward may receive the KV cache, newest first.
@@ -153,3 +156,9 @@ def unpad_image(tensor, original_size):
     from transformers.models.llava_next.modeling_llava_next import unpad_image as _unpad
 
     return _unpad(tensor, original_size)
+
+
+def generate_compiled(model) -> bool:
+    """Whether transformers' ``generate`` has compiled ``model``'s forward (it does so for a
+    static cache on CUDA, and keeps the compiled call on the model)."""
+    return getattr(model, "_compiled_call", None) is not None

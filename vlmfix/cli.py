@@ -1,4 +1,4 @@
-"""The ``vlmfix`` command line: ``caption``, ``eval``, ``methods``, ``sweep``."""
+"""The ``vlmfix`` command line: ``caption``, ``eval``, ``methods``, ``sweep``, ``bench``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmfix.testbed import sweep
 
     sweep.register(sub)
+
+    from vlmfix import bench
+
+    bench.register(sub)
 
     p = sub.add_parser("eval", help="evaluate hallucination (POPE, CHAIR)")
     eval_sub = p.add_subparsers(dest="task", required=True)

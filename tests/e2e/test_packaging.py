@@ -61,6 +61,7 @@ def test_wheel_ships_the_presets_and_they_load_from_it(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert "vlmfix/configs/eval/pope_random.yaml" in names and "vlmfix/configs/methods/vcd.yaml" in names
+        assert "vlmfix/configs/bench/decode.yaml" in names and "vlmfix/configs/bench/tiny.yaml" in names
         z.extractall(site)  # a wheel is a zip: unpacked, it is the installed package
     code = (
         "import vlmfix, sys\n"
@@ -70,6 +71,8 @@ def test_wheel_ships_the_presets_and_they_load_from_it(tmp_path):
         "assert cfg['split'] == 'random' and cfg['task'] == 'pope', cfg\n"
         "from vlmfix import methods\n"
         "assert methods.parse([], ['vcd'])[0] == methods.get('vcd')()\n"
+        "from vlmfix.bench import load_suite\n"
+        "assert load_suite('tiny').models == ('tiny',) and load_suite(None).name == 'decode'\n"
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
