@@ -116,11 +116,12 @@ class Controller:
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
         self._execute, self._row_stats = reference.execute, reference.plan_row_stats
-        self._decode_execute = reference.execute
+        self._decode_execute = self._static_execute = reference.execute
         if self.backend == "triton":
             from vlmfix.kernels import triton_backend
 
             self._execute, self._row_stats = triton_backend.execute, triton_backend.row_stats
+            self._static_execute = triton_backend.execute_static
             # Decode steps run eagerly one launch at a time, where the kernels' launch cost
             # outweighs their speed (docs/benchmarks.md): "auto" keeps the reference path
             # for decode-sized calls; a forced backend="triton" runs the kernels everywhere.
@@ -304,8 +305,11 @@ class Controller:
             if any(a is not b for a, b in zip(before, (plan.score_coef, plan.reweight, plan.head_scale))):
                 self._mark_edit(m)
         # A static decode step is replayed as a CUDA graph, where kernel launches cost
-        # nothing on the host: it takes the backend's kernels like a prefill.
-        execute = self._decode_execute if q_len <= DECODE_ROWS and not static else self._execute
+        # nothing on the host: it takes the backend's kernels, plain plans included.
+        if static:
+            execute = self._static_execute
+        else:
+            execute = self._decode_execute if q_len <= DECODE_ROWS else self._execute
         out, result = execute(query, key, value, plan, scaling)
         result.row_stats = call.row_stats
         for m in methods:

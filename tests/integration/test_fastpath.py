@@ -152,7 +152,7 @@ def test_the_model_is_left_as_it_was():
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton kernels run captured on CUDA only")
-@pytest.mark.parametrize("name", ["var", "pai", "paint", "vhr", "only"])
+@pytest.mark.parametrize("name", ["baseline", "vcd", "var", "pai", "paint", "vhr", "only"])
 def test_triton_kernels_inside_the_captured_step(name):
     """On the fast path decode calls take the backend's kernels (launch cost is gone).
     Captured and uncaptured, the same kernels at the same shapes give the same numbers;

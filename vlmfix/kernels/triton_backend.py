@@ -21,7 +21,7 @@ from vlmfix.kernels import reference
 if TYPE_CHECKING:
     from vlmfix.plan import AttentionPlan, PlanResult
 
-__all__ = ["execute", "row_stats", "unsupported_reason"]
+__all__ = ["execute", "execute_static", "row_stats", "unsupported_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,17 @@ def row_stats(query, key, value, plan: AttentionPlan, scaling: float):
     return RowStats(probs=probs, out=out, out_text=out_text.float())
 
 
-def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[torch.Tensor, PlanResult]:
-    """Execute one plan; same contract as :func:`vlmfix.kernels.reference.execute`."""
+def execute(
+    query, key, value, plan: AttentionPlan, scaling: float, *, plain_kernel: bool = False
+) -> tuple[torch.Tensor, PlanResult]:
+    """Execute one plan; same contract as :func:`vlmfix.kernels.reference.execute`.
+
+    ``plain_kernel``: run plans without score edits on the kernel too (the static decode
+    path, where PyTorch's sdpa would take a masked, non-flash kernel over the whole cache
+    capacity and the split-KV kernel is faster)."""
     from vlmfix.plan import PlanResult
 
-    if plan.score_coef is None and plan.reweight is None:
+    if plan.score_coef is None and plan.reweight is None and not plain_kernel:
         return reference.execute(query, key, value, plan, scaling)  # sdpa (flash) + head scales
     reason = unsupported_reason(query, plan)
     if reason is not None:
@@ -97,6 +103,11 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         pre_rows, pre_coef, rw_rows, rw_p, rw_rho, rw_min, head_scale, "auto", 0,
     )  # fmt: skip
     return out, PlanResult(selected=selected if plan.reweight is not None else None)
+
+
+def execute_static(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[torch.Tensor, PlanResult]:
+    """:func:`execute` for static decode calls (every plan on the kernels)."""
+    return execute(query, key, value, plan, scaling, plain_kernel=True)
 
 
 _ROWS: dict = {}
