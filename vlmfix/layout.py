@@ -22,8 +22,9 @@ __all__ = ["Label", "Part", "Layout", "build_layout", "positions_from_mask", "te
 logger = logging.getLogger(__name__)
 
 
-# The position of a static map's future columns: no query position reaches it.
-UNREACHABLE = 2**62
+# The position of a static map's future columns: no query position reaches it. It fits
+# int32, the kernels' position type (a larger value would wrap around to a visible one).
+UNREACHABLE = 2**30
 
 
 class Label(IntEnum):
