@@ -113,7 +113,9 @@ class Controller:
     """
 
     def __init__(self, model, adapter, methods, backend: str = "auto"):
-        device = next(model.parameters()).device
+        from vlmfix.loading import input_device
+
+        device = input_device(model)
         self.backend = resolve_backend(backend, device)
         self._execute, self._row_stats = reference.execute, reference.plan_row_stats
         self._decode_execute = reference.execute
@@ -151,6 +153,9 @@ class Controller:
         # Token maps of layers that keep fewer keys (token pruning): ``(first_layer, layout)``
         # in ascending order; layer ``l`` uses the last entry with ``first_layer <= l``.
         self.layer_layouts: list[tuple[int, Layout]] = []
+        # With a device_map, layers sit on several devices: per forward, a copy of each
+        # token map on each device other than the inputs' (see layout_on).
+        self._copies: dict[tuple[int, torch.device], Layout] = {}
 
     def layer_state(self, layer_idx: int) -> dict[str, Any]:
         return self.state.setdefault(layer_idx, {})
@@ -164,6 +169,17 @@ class Controller:
                 break
             layout = pruned
         return layout
+
+    def layout_on(self, layout: Layout, device: torch.device) -> Layout:
+        """``layout`` on ``device``: itself, or (model split over devices with a
+        ``device_map``) a copy made once per forward and device."""
+        if layout.buffers[0].device == device:
+            return layout
+        key = (id(layout), device)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = layout.to(device)
+        return copy
 
     def set_layer_layout(self, first_layer: int, layout: Layout) -> None:
         """From ``first_layer`` on (until a later entry), layers hold exactly the keys of
@@ -214,6 +230,8 @@ class Controller:
         layer_idx = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
         layout = self.layout_for(layer_idx)
+        if layout is not None:
+            layout = self.layout_on(layout, query.device)
         methods = self.methods if self.active is None else self.active
         if layout is None:
             mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
@@ -272,6 +290,7 @@ class Controller:
         """Called by the attachment before every model forward (host-side only)."""
         self.is_prefill = is_prefill
         self.forward_index += 1
+        self._copies.clear()
         if is_prefill:
             self.layer_layouts = []
 

@@ -38,6 +38,7 @@ from vlmfix.beam import BeamSearch
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.layout import positions_from_mask
+from vlmfix.loading import input_device
 from vlmfix.methods.base import MethodConfig
 
 __all__ = ["GenerationOutput", "generate", "prepare_inputs", "prepare_rows", "sample_next"]
@@ -286,7 +287,7 @@ def generate(
         raise ConfigError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass do_sample=False")
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
-    device = next(model.parameters()).device
+    device = input_device(model)  # with a device_map: where the input embeddings run
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = _eos_ids(model, processor)
