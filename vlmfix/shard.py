@@ -300,8 +300,8 @@ class ShardedRun:
 
     def _markers(self) -> list[Path]:
         name = _glob_escape(self.output.name)
-        found = [*self.output.parent.glob(f"{name}.rank*-of-*.done"), *self.output.parent.glob(f"{name}.rank*-of-*.failed")]
-        return [*found, self.start_file]
+        folder = self.output.parent
+        return [*folder.glob(f"{name}.rank*-of-*.done"), *folder.glob(f"{name}.rank*-of-*.failed"), self.start_file]
 
     def _write_json(self, path: Path, data: dict[str, Any]) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

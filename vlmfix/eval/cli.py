@@ -216,13 +216,13 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
             from vlmfix.cli_common import build_from_args, model_settings
         except ImportError as exc:
             raise ConfigError(f"generating needs vlmfix's model core, which is not available ({exc})") from None
-        from vlmfix.eval.runner import dist_context
+        from vlmfix.cli_common import rank_device
+        from vlmfix.loading import placement
+        from vlmfix.shard import dist_context
 
-        ctx = dist_context()
-        if ctx.world_size > 1 and getattr(args, "device", None) is None:
-            args.device = ctx.device  # one model per rank, each on its own device
+        rank_device(args, dist_context())  # one model per rank, each on its own device
         model, processor, methods, model_id = build_from_args(args)
-        device = str(next(model.parameters()).device)
+        device = placement(model)
         settings = model_settings(args, model, methods, model_id)
         resolved = {"model_resolved": settings["model_resolved"], "dtype": settings["dtype"]}
 
@@ -432,8 +432,8 @@ def _lock(out: Path):
     """Exclusive lock on the run folder (rank 0 only: the ranks of one launch share it)."""
     import contextlib
 
-    from vlmfix.eval.runner import dist_context
     from vlmfix.io import OutputLock
+    from vlmfix.shard import dist_context
 
     if not dist_context().is_main:
         return contextlib.nullcontext()
