@@ -279,6 +279,7 @@ class ShardedRun:
         self.timeout = timeout
         self.poll = poll
         self.run_id: str | None = None
+        self.payloads: list[Any] = []  # after finish(), on rank 0: every rank's payload
         self._part_lock = None
         self._finished = False
 
@@ -428,16 +429,23 @@ class ShardedRun:
         self._wait(ready, lambda: f"rank 0 to start the run ({self.start_file})")
         return found
 
-    def finish(self, merge: Callable[[list[Path]], None] | None = None) -> None:
+    def finish(self, merge: Callable[[list[Path]], None] | None = None, payload: Any = None) -> None:
         """This rank's part is written. Rank 0 waits for every rank, calls
         ``merge(part_paths)`` (writing the output), then deletes the parts and markers;
         the other ranks wait until it has.
+
+        Args:
+            merge: rank 0's merge of the part files (also called, with no parts, in a
+                single process).
+            payload: JSON-serialisable data of this rank (e.g. telemetry counters); on
+                rank 0 :attr:`payloads` then holds every rank's, by rank.
 
         Raises:
             ShardError: another rank failed (its error is in the message) or timed out.
         """
         self._release_part()
         ctx = self.ctx
+        self.payloads = [payload]
         if not ctx.is_sharded:
             if merge is not None:
                 merge([])
@@ -445,7 +453,8 @@ class ShardedRun:
             return
         if not ctx.is_main:
             done = self.marker(ctx.rank, "done")
-            self._write_json(done, {"run": self.run_id, "pid": os.getpid(), "host": socket.gethostname()})
+            info = {"run": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "payload": payload}
+            self._write_json(done, info)
             self._finished = True
 
             def merged() -> bool:
@@ -457,6 +466,7 @@ class ShardedRun:
             self._wait(merged, lambda: "rank 0 to merge the part files")
             return
         pending = set(range(1, ctx.world_size))
+        self.payloads = [payload] + [None] * (ctx.world_size - 1)
 
         def all_done() -> bool:
             for r in sorted(pending):
@@ -470,6 +480,7 @@ class ShardedRun:
                 info = self._read_json(self.marker(r, "done"))
                 if info is not None and info.get("run") == self.run_id:
                     pending.discard(r)
+                    self.payloads[r] = info.get("payload")
             return not pending
 
         self._wait(all_done, lambda: f"rank(s) {sorted(pending)} to finish their part")

@@ -217,6 +217,7 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
         except ImportError as exc:
             raise ConfigError(f"generating needs vlmfix's model core, which is not available ({exc})") from None
         from vlmfix.cli_common import rank_device
+        from vlmfix.eval.runner import add_telemetry
         from vlmfix.loading import placement
         from vlmfix.shard import dist_context
 
@@ -228,7 +229,7 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
 
         def fn(images, prompts):
             out = vlmfix.generate(model, processor, images=images, prompts=prompts, methods=methods, **generation)
-            _add_stats(telemetry, out.stats)
+            add_telemetry(telemetry, out.stats)
             return out.texts
 
     telemetry: dict[str, Any] = {}
@@ -243,30 +244,6 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
     }
     info.update(resolved)
     return fn, info
-
-
-def _add_stats(telemetry: dict[str, Any], stats: dict[str, Any]) -> None:
-    """Fold one batch's method telemetry into the run's: integer counters are summed over
-    batches, every other value is the last batch's; ``no_effect`` notes are collected."""
-    import json
-
-    from vlmfix.caption import method_warnings
-
-    stats = json.loads(json.dumps(stats or {}, default=str))
-    telemetry["batches"] = telemetry.get("batches", 0) + 1
-    per = telemetry.setdefault("methods", {})
-    for name, s in stats.items():
-        if not isinstance(s, dict):
-            continue
-        entry = per.setdefault(name, {"sums": {}, "last_batch": {}})
-        entry["last_batch"] = s
-        for key, value in s.items():
-            if isinstance(value, int) and not isinstance(value, bool):
-                entry["sums"][key] = entry["sums"].get(key, 0) + value
-    for note in method_warnings(stats):
-        notes = telemetry.setdefault("method_warnings", [])
-        if note not in notes:
-            notes.append(note)
 
 
 def cmd_pope(args: argparse.Namespace) -> int:

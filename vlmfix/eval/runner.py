@@ -42,6 +42,8 @@ __all__ = [
     "run_samples",
     "check_run_config",
     "replace_records",
+    "add_telemetry",
+    "merge_telemetry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,6 +193,7 @@ def run_samples(
     ctx: DistContext | None = None,
     progress: bool = False,
     retry_errors: bool = True,
+    telemetry: dict[str, Any] | None = None,
 ) -> list[dict] | None:
     """Run (or resume) ``samples`` and return every record in sample order.
 
@@ -206,6 +209,9 @@ def run_samples(
         progress: show a tqdm bar (rank 0).
         retry_errors: run again the samples whose stored record is an error (a fixed
             image folder, a repaired file); False keeps error records as final.
+        telemetry: this rank's method telemetry, filled by ``generate_fn`` with
+            :func:`add_telemetry`; on rank 0 of a sharded run it is replaced, in place,
+            by every rank's (:func:`merge_telemetry`).
 
     Returns:
         On rank 0, the records (one per sample, in order; failed samples have an
@@ -251,7 +257,11 @@ def run_samples(
                 nonlocal records
                 records = _merge(out, samples, parts)
 
-            run.finish(merge)
+            run.finish(merge, payload=telemetry)
+        if telemetry is not None and ctx.is_sharded and ctx.is_main:
+            merged = merge_telemetry(run.payloads)
+            telemetry.clear()
+            telemetry.update(merged)
         return records
     finally:
         if lock is not None:
@@ -296,6 +306,49 @@ def _loop(mine, generate_fn, finish, writer, batch_size, progress) -> None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
+
+
+def add_telemetry(telemetry: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Fold one batch's method telemetry into the run's: integer counters are summed over
+    batches (``methods.<name>.sums``), every other value is the last batch's
+    (``methods.<name>.last_batch``); ``no_effect`` notes are collected (``method_warnings``)."""
+    from vlmfix.caption import method_warnings
+
+    stats = json.loads(json.dumps(stats or {}, default=str))
+    telemetry["batches"] = telemetry.get("batches", 0) + 1
+    per = telemetry.setdefault("methods", {})
+    for name, s in stats.items():
+        if not isinstance(s, dict):
+            continue
+        entry = per.setdefault(name, {"sums": {}, "last_batch": {}})
+        entry["last_batch"] = s
+        for key, value in s.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                entry["sums"][key] = entry["sums"].get(key, 0) + value
+    for note in method_warnings(stats):
+        notes = telemetry.setdefault("method_warnings", [])
+        if note not in notes:
+            notes.append(note)
+
+
+def merge_telemetry(per_rank: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """The telemetry of a sharded run from each rank's (:func:`add_telemetry`): batches and
+    ``sums`` added up, ``last_batch`` of the lowest rank that has one, warnings joined."""
+    out: dict[str, Any] = {}
+    for tel in per_rank:
+        if not tel:
+            continue
+        if "batches" in tel:
+            out["batches"] = out.get("batches", 0) + tel["batches"]
+        for name, entry in (tel.get("methods") or {}).items():
+            first = {"sums": {}, "last_batch": entry.get("last_batch", {})}
+            mine = out.setdefault("methods", {}).setdefault(name, first)
+            for key, value in (entry.get("sums") or {}).items():
+                mine["sums"][key] = mine["sums"].get(key, 0) + value
+        for note in tel.get("method_warnings", []):
+            if note not in out.setdefault("method_warnings", []):
+                out["method_warnings"].append(note)
+    return out
 
 
 def _error_record(s: Sample, message: str) -> dict:

@@ -223,6 +223,7 @@ def run_chair(
     records = run_samples(
         samples, out_dir, generate_fn, finish,
         batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+        telemetry=run_info.get("method_stats"),
     )  # fmt: skip
     if records is None:
         return None
