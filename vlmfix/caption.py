@@ -154,7 +154,9 @@ def resolved(path: str | os.PathLike) -> str:
 
 def method_warnings(stats: dict[str, Any]) -> list[str]:
     """The ``no_effect`` notes of methods' telemetry (e.g. VAR found no sink at all)."""
-    return [f"{name}: {s['no_effect']}" for name, s in (stats or {}).items() if isinstance(s, dict) and s.get("no_effect")]
+    return [
+        f"{name}: {s['no_effect']}" for name, s in (stats or {}).items() if isinstance(s, dict) and s.get("no_effect")
+    ]
 
 
 def _norm(value: Any) -> Any:
@@ -220,9 +222,10 @@ def check_fresh_output(out_path: Path, resume: bool) -> None:
         )
 
 
-def _fold_leftovers(out_path: Path) -> None:
-    """Move the records of an interrupted launch's part files into ``out_path`` (after its
-    own records, nothing twice), then delete the parts."""
+def _fold_leftovers(out_path: Path, files: list[Path]) -> None:
+    """Move the records of an interrupted launch's part files into ``out_path``: after its
+    own records, in the order of ``files`` (as one process would have written them),
+    nothing twice; then delete the parts."""
     from vlmfix.io import OutputLock
 
     leftovers = part_files(out_path)
@@ -231,10 +234,13 @@ def _fold_leftovers(out_path: Path) -> None:
     for p in leftovers:  # a live process still appending to one would lose records
         OutputLock(p).acquire().release()
     repair_jsonl(out_path)
-    paths = [p for p in (out_path, *leftovers) if p.exists()]
-    recs = merge_records((read_jsonl(p, strict=False) for p in paths), _record_key)
+    own = list(read_jsonl(out_path, strict=False)) if out_path.exists() else []
+    recs = merge_records([own, *(read_jsonl(p, strict=False) for p in leftovers)], _record_key)
+    mine = {_record_key(r) for r in own}
+    position = {resolved(f): i for i, f in enumerate(files)}
+    new = sorted((r for k, r in recs.items() if k not in mine), key=lambda r: position.get(_record_key(r), len(files)))
     logger.warning("%s: folding %d part files of an interrupted multi-process run into it", out_path, len(leftovers))
-    write_records(out_path, recs.values())
+    write_records(out_path, [*(r for k, r in recs.items() if k in mine), *new])
     for p in leftovers:
         p.unlink()
 
@@ -306,7 +312,7 @@ def caption_files(
 
     def prepare() -> None:  # one process, before any rank reads the file
         nonlocal retried
-        _fold_leftovers(out_path)
+        _fold_leftovers(out_path, files)
         if resume and repair_jsonl(out_path):
             logger.warning("%s: removed a partial last line left by an interrupted run", out_path)
         old = list(read_jsonl(out_path, strict=False)) if resume and out_path.exists() else []

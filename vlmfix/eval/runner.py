@@ -340,6 +340,8 @@ def merge_telemetry(per_rank: Sequence[dict[str, Any] | None]) -> dict[str, Any]
             continue
         if "batches" in tel:
             out["batches"] = out.get("batches", 0) + tel["batches"]
+        if "methods" in tel:
+            out.setdefault("methods", {})
         for name, entry in (tel.get("methods") or {}).items():
             first = {"sums": {}, "last_batch": entry.get("last_batch", {})}
             mine = out.setdefault("methods", {}).setdefault(name, first)
