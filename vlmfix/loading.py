@@ -79,10 +79,11 @@ def placement(model) -> str:
     """Where the model runs, as recorded in run metadata: ``"cuda:0"``, or the devices of
     its ``device_map`` (``"cuda:0+cuda:1"``, ``"cuda:0+cpu+disk"``)."""
     device_map = getattr(model, "hf_device_map", None) or {}
-    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
+    first = str(input_device(model))
+    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()} | {first}
     if len(devices) > 1:
-        return "+".join(sorted(devices, key=lambda d: (not d.startswith("cuda"), d)))
-    return str(input_device(model))
+        return "+".join(sorted(devices, key=lambda d: (not d.startswith("cuda"), d != "cpu", d)))
+    return first
 
 
 def _dispatch(model, device_map, max_memory, offload_folder):

@@ -124,6 +124,7 @@ class DeCoMethod(Method):
         cfg, outputs = self.config, self._outputs
         main = slice(0, logits.shape[0])
         early = torch.stack([early_exit_logits(self.handle, outputs.last(i, main)) for i in outputs.layers])
+        early = early.to(logits.device)  # the head's device, with a device_map
         out, layer = deco_correct(logits, early, cfg.alpha, cfg.top_k, cfg.top_p)
         counts = torch.bincount(layer, minlength=len(outputs.layers))
         self._counts = counts if self._counts is None else self._counts + counts
