@@ -113,14 +113,12 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 def _rank_device(local_rank: int) -> str:
     import torch
 
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"LOCAL_RANK={local_rank} but this host has {torch.cuda.device_count()} CUDA device(s); "
-                "start at most one process per GPU (e.g. --nproc_per_node / --num_processes)"
-            )
-        return f"cuda:{local_rank}"
-    return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    if local_rank >= count:  # more processes than GPUs: they share them, round robin
+        logger.warning("LOCAL_RANK=%d on a host with %d CUDA device(s): GPUs are shared", local_rank, count)
+    return f"cuda:{local_rank % count}"
 
 
 def dist_context() -> DistContext:
@@ -135,8 +133,7 @@ def dist_context() -> DistContext:
       processes started by hand or by a scheduler); the ranks then meet through files.
 
     Raises:
-        ConfigError: ``WORLD_SIZE`` > 1 without a valid ``RANK``, or more processes on a
-            host than it has GPUs.
+        ConfigError: ``WORLD_SIZE`` > 1 without a valid ``RANK``.
     """
     world = _env_int("WORLD_SIZE", 1)
     if world is None or world <= 1:
