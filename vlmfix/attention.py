@@ -113,7 +113,9 @@ class Controller:
     """
 
     def __init__(self, model, adapter, methods, backend: str = "auto"):
-        device = next(model.parameters()).device
+        from vlmfix.loading import input_device
+
+        device = input_device(model)
         self.backend = resolve_backend(backend, device)
         self._execute, self._row_stats = reference.execute, reference.plan_row_stats
         self._decode_execute = self._static_execute = reference.execute
@@ -155,6 +157,9 @@ class Controller:
         # The static decode path's state (vlmfix.fastpath.StaticDecode), between the prefill
         # and the end of a fast-path generate; None on the eager path.
         self.static = None
+        # With a device_map, layers sit on several devices: per forward, a copy of each
+        # token map on each device other than the inputs' (see layout_on).
+        self._copies: dict[tuple[int, torch.device], Layout] = {}
 
     def enter_static(self, static) -> None:
         """Switch to static decoding after a prefill: every token map gets exactly
@@ -204,6 +209,17 @@ class Controller:
                 break
             layout = pruned
         return layout
+
+    def layout_on(self, layout: Layout, device: torch.device) -> Layout:
+        """``layout`` on ``device``: itself, or (model split over devices with a
+        ``device_map``) a copy made once per forward and device."""
+        if layout.buffers[0].device == device:
+            return layout
+        key = (id(layout), device)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = layout.to(device)
+        return copy
 
     def set_layer_layout(self, first_layer: int, layout: Layout) -> None:
         """From ``first_layer`` on (until a later entry), layers hold exactly the keys of
@@ -256,6 +272,8 @@ class Controller:
         layer_idx = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
         layout = self.layout_for(layer_idx)
+        if layout is not None:
+            layout = self.layout_on(layout, query.device)
         methods = self.methods if self.active is None else self.active
         if layout is None:
             mask = reference.as_bool_mask(attention_mask, q_len, k_len, query.device)
@@ -321,6 +339,7 @@ class Controller:
         """Called by the attachment before every model forward (host-side only)."""
         self.is_prefill = is_prefill
         self.forward_index += 1
+        self._copies.clear()
         if is_prefill:
             self.layer_layouts = []
             self.static = None

@@ -22,8 +22,17 @@ from typing import Any
 
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.io import JsonlWriter, drop_records, read_jsonl, repair_jsonl
+from vlmfix.shard import DistContext, ShardedRun, merge_records, part_files, shard_items, write_records
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "to_rgb", "caption_files", "method_warnings"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "find_images",
+    "load_image",
+    "to_rgb",
+    "caption_files",
+    "check_fresh_output",
+    "method_warnings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +154,9 @@ def resolved(path: str | os.PathLike) -> str:
 
 def method_warnings(stats: dict[str, Any]) -> list[str]:
     """The ``no_effect`` notes of methods' telemetry (e.g. VAR found no sink at all)."""
-    return [f"{name}: {s['no_effect']}" for name, s in (stats or {}).items() if isinstance(s, dict) and s.get("no_effect")]
+    return [
+        f"{name}: {s['no_effect']}" for name, s in (stats or {}).items() if isinstance(s, dict) and s.get("no_effect")
+    ]
 
 
 def _norm(value: Any) -> Any:
@@ -187,6 +198,53 @@ def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[i : i + size]
 
 
+def _record_key(rec: dict) -> str | None:
+    if "path" not in rec:
+        return None
+    return rec.get("resolved_path") or resolved(rec["path"])  # older files: path only
+
+
+def check_fresh_output(out_path: Path, resume: bool) -> None:
+    """Without ``resume`` the output must hold nothing yet: no records, no part files.
+
+    Raises:
+        DataError: it does (the message says to pass --resume or choose another --out).
+    """
+    if resume:
+        return
+    if out_path.exists() and out_path.stat().st_size > 0:
+        raise DataError(f"{out_path} already exists; pass --resume to continue it, or choose another --out")
+    parts = part_files(out_path)
+    if parts:
+        raise DataError(
+            f"{out_path} has part files of an interrupted multi-process run ({parts[0].name}, ...); "
+            "pass --resume to continue it, or choose another --out"
+        )
+
+
+def _fold_leftovers(out_path: Path, files: list[Path]) -> None:
+    """Move the records of an interrupted launch's part files into ``out_path``: after its
+    own records, in the order of ``files`` (as one process would have written them),
+    nothing twice; then delete the parts."""
+    from vlmfix.io import OutputLock
+
+    leftovers = part_files(out_path)
+    if not leftovers:
+        return
+    for p in leftovers:  # a live process still appending to one would lose records
+        OutputLock(p).acquire().release()
+    repair_jsonl(out_path)
+    own = list(read_jsonl(out_path, strict=False)) if out_path.exists() else []
+    recs = merge_records([own, *(read_jsonl(p, strict=False) for p in leftovers)], _record_key)
+    mine = {_record_key(r) for r in own}
+    position = {resolved(f): i for i, f in enumerate(files)}
+    new = sorted((r for k, r in recs.items() if k not in mine), key=lambda r: position.get(_record_key(r), len(files)))
+    logger.warning("%s: folding %d part files of an interrupted multi-process run into it", out_path, len(leftovers))
+    write_records(out_path, [*(r for k, r in recs.items() if k in mine), *new])
+    for p in leftovers:
+        p.unlink()
+
+
 def caption_files(
     model,
     processor,
@@ -203,11 +261,12 @@ def caption_files(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     generate_kwargs: dict[str, Any] | None = None,
+    ctx: DistContext | None = None,
 ) -> dict[str, int]:
     """Caption ``files`` into the JSON-lines file ``out_path``.
 
     Hold :class:`vlmfix.io.OutputLock` on ``out_path`` around the call when other
-    processes may write the same file (the CLI does).
+    processes may write the same file (the CLI does; under a launcher, rank 0 only).
 
     Args:
         model, processor: from :func:`vlmfix.load`.
@@ -225,86 +284,116 @@ def caption_files(
         max_pixels: larger images become error records.
         progress: show a progress bar on stderr.
         generate_kwargs: passed to :func:`vlmfix.generate`.
+        ctx: the processes of a launch to split the images over
+            (:func:`vlmfix.shard.dist_context`; default: this process alone). Each rank
+            captions every ``world_size``-th image still to do into its part file and rank
+            0 merges them into ``out_path``, in the order one process writes.
 
     Returns:
         Counts: ``{"done": captions written, "errors": error records written,
-        "skipped": already done, "retried": error records replaced}``.
+        "skipped": already done, "retried": error records replaced}``; with several
+        processes rank 0 counts every rank's records, the others their own.
 
     Raises:
         DataError: ``out_path`` holds records and ``resume`` is not set.
         ConfigError: ``resume`` under settings other than the file's.
+        ShardError: another process of the launch failed.
     """
     from tqdm.auto import tqdm
 
     from vlmfix.generation import generate
 
+    ctx = ctx or DistContext()
     out_path = Path(out_path)
-    if out_path.exists() and out_path.stat().st_size > 0 and not resume:
-        raise DataError(f"{out_path} already exists; pass --resume to continue it, or choose another --out")
+    check_fresh_output(out_path, resume)
     settings = {"prompt": prompt, **(settings or {})}
-    if resume and repair_jsonl(out_path):
-        logger.warning("%s: removed a partial last line left by an interrupted run", out_path)
-    old = list(read_jsonl(out_path, strict=False)) if resume and out_path.exists() else []
-    _check_settings(out_path, old, settings)
     wanted = {resolved(f) for f in files}
-    done: dict[str, bool] = {}  # resolved path -> only error records so far
-    for rec in old:
-        if "path" in rec:
-            key = rec.get("resolved_path") or resolved(rec["path"])  # older files: path only
-            done[key] = done.get(key, True) and "error" in rec
     retried = 0
-    if retry_errors:
-        failed = {k for k, is_error in done.items() if is_error and k in wanted}
-        if failed:
-            retried = drop_records(
-                out_path, lambda r: "error" in r and (r.get("resolved_path") or resolved(r.get("path", ""))) in failed
-            )
-            done = {k: e for k, e in done.items() if k not in failed}
-    todo = [f for f in files if resolved(f) not in done]
-    counts = {"done": 0, "errors": 0, "skipped": len(files) - len(todo), "retried": retried}
-    generate_kwargs = dict(generate_kwargs or {})
-    bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="captioning")
-    with JsonlWriter(out_path) as writer:
-        for batch in _batches(todo, batch_size):
-            images, good = [], []
-            for path in batch:
-                try:
-                    images.append(load_image(path, max_pixels))
-                    good.append(path)
-                except DataError as exc:
-                    writer.write(
-                        {
+
+    def prepare() -> None:  # one process, before any rank reads the file
+        nonlocal retried
+        _fold_leftovers(out_path, files)
+        if resume and repair_jsonl(out_path):
+            logger.warning("%s: removed a partial last line left by an interrupted run", out_path)
+        old = list(read_jsonl(out_path, strict=False)) if resume and out_path.exists() else []
+        _check_settings(out_path, old, settings)
+        only_errors: dict[str, bool] = {}  # resolved path -> only error records so far
+        for rec in old:
+            key = _record_key(rec)
+            if key is not None:
+                only_errors[key] = only_errors.get(key, True) and "error" in rec
+        if retry_errors:
+            failed = {k for k, is_error in only_errors.items() if is_error and k in wanted}
+            if failed:
+                retried = drop_records(out_path, lambda r: "error" in r and _record_key(r) in failed)
+
+    with ShardedRun(out_path, ctx) as run:
+        run.start(prepare)
+        done = {k for r in read_jsonl(out_path, strict=False) if (k := _record_key(r))} if out_path.exists() else set()
+        todo = [f for f in files if resolved(f) not in done]
+        mine = shard_items(todo, ctx.rank, ctx.world_size)
+        counts = {"done": 0, "errors": 0, "skipped": len(files) - len(todo), "retried": retried}
+        generate_kwargs = dict(generate_kwargs or {})
+        bar = tqdm(total=len(mine), disable=not progress, unit="img", desc="captioning")
+        with JsonlWriter(run.part) as writer:
+            for batch in _batches(mine, batch_size):
+                records: list[dict[str, Any] | None] = []
+                images, good = [], []
+                for path in batch:
+                    try:
+                        images.append(load_image(path, max_pixels))
+                        good.append(path)
+                        records.append(None)  # its caption, once generated
+                    except DataError as exc:
+                        records.append(
+                            {
+                                "path": str(path),
+                                "resolved_path": resolved(path),
+                                "error": str(exc),
+                                "error_type": "bad_image",
+                                **settings,
+                            }
+                        )
+                if good:
+                    t0 = time.perf_counter()
+                    result = generate(model, processor, images, [prompt] * len(good), methods, **generate_kwargs)
+                    seconds = (time.perf_counter() - t0) / len(good)
+                    stats = _norm(result.stats or {})
+                    flags = method_warnings(stats)
+                    captions = iter(zip(good, result.texts, result.token_ids))
+                    for i, rec in enumerate(records):
+                        if rec is not None:
+                            continue
+                        path, text, ids = next(captions)
+                        records[i] = {
                             "path": str(path),
                             "resolved_path": resolved(path),
-                            "error": str(exc),
-                            "error_type": "bad_image",
+                            "text": text,
+                            "num_tokens": len(ids),
+                            "seconds": round(seconds, 4),
                             **settings,
+                            **metadata,
+                            "method_stats": stats,  # telemetry of this image's batch
+                            **({"method_warnings": flags} if flags else {}),
                         }
-                    )
-                    counts["errors"] += 1
-                    bar.update(1)
-            if not good:
-                continue
-            t0 = time.perf_counter()
-            result = generate(model, processor, images, [prompt] * len(good), methods, **generate_kwargs)
-            seconds = (time.perf_counter() - t0) / len(good)
-            stats = _norm(result.stats or {})
-            flags = method_warnings(stats)
-            for path, text, ids in zip(good, result.texts, result.token_ids):
-                writer.write(
-                    {
-                        "path": str(path),
-                        "resolved_path": resolved(path),
-                        "text": text,
-                        "num_tokens": len(ids),
-                        "seconds": round(seconds, 4),
-                        **settings,
-                        **metadata,
-                        "method_stats": stats,  # telemetry of this image's batch
-                        **({"method_warnings": flags} if flags else {}),
-                    }
-                )
-                counts["done"] += 1
-            bar.update(len(good))
-    bar.close()
+                # In image order, so every batching (and every split over processes) gives
+                # one file order: the order of ``files``.
+                for rec in records:
+                    writer.write(rec)
+                    counts["errors" if "error" in rec else "done"] += 1
+                bar.update(len(batch))
+        bar.close()
+
+        def merge(parts: list[Path]) -> None:
+            # Rank 0: the file's records, then every new record in the order of ``files``.
+            position = {resolved(f): i for i, f in enumerate(todo)}
+            new = merge_records((read_jsonl(p, strict=False) for p in parts if p.exists()), _record_key)
+            new = {k: r for k, r in new.items() if k not in done}
+            old = list(read_jsonl(out_path, strict=False)) if out_path.exists() else []
+            ordered = sorted(new.values(), key=lambda r: position.get(_record_key(r), len(todo)))
+            write_records(out_path, [*old, *ordered])
+            counts["errors"] = sum(1 for r in new.values() if "error" in r)
+            counts["done"] = len(new) - counts["errors"]
+
+        run.finish(merge if ctx.is_sharded else None)
     return counts

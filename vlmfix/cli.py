@@ -33,11 +33,21 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
-    from vlmfix.caption import caption_files, find_images
-    from vlmfix.cli_common import check_args, default_model, generation_kwargs, model_settings, run_metadata
-    from vlmfix.errors import DataError
+    import contextlib
+
+    from vlmfix.caption import caption_files, check_fresh_output, find_images
+    from vlmfix.cli_common import (
+        check_args,
+        default_model,
+        generation_kwargs,
+        load_from_args,
+        model_settings,
+        rank_device,
+        run_metadata,
+    )
     from vlmfix.io import OutputLock, check_writable
-    from vlmfix.loading import load
+    from vlmfix.loading import placement
+    from vlmfix.shard import dist_context
 
     # Everything that can be checked is checked before the model loads.
     out = check_writable(args.out)
@@ -46,16 +56,21 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         print(f"no images found under {args.paths}", file=sys.stderr)
         return 1
     files = found[: args.limit] if args.limit is not None else found
+    ctx = dist_context()  # several processes under accelerate launch / torchrun
+    rank_device(args, ctx)
     methods = check_args(args)
-    with OutputLock(out):  # a second run on the same file is refused here, not by timing
-        if out.exists() and out.stat().st_size > 0 and not args.resume:
-            raise DataError(f"{out} already exists; pass --resume to continue it, or choose another --out")
+    # A second run on the same file is refused here, not by timing; the ranks of one
+    # launch share the output, so only rank 0 locks it (each rank locks its part file).
+    with OutputLock(out) if ctx.is_main else contextlib.nullcontext():
+        check_fresh_output(out, args.resume)
         name = args.model or default_model()
-        model, processor = load(name, dtype=args.dtype, device=args.device)
-        meta = run_metadata(name, methods, args.seed, device=str(next(model.parameters()).device))
+        model, processor = load_from_args(args, name)
+        meta = run_metadata(name, methods, args.seed, device=placement(model))
         meta.pop("device_name", None)
         meta.pop("methods", None)  # recorded (and checked on resume) with the settings
         meta["inputs"] = {"paths": list(args.paths), "limit": args.limit, "images_found": len(found)}
+        if ctx.is_sharded:
+            meta["num_processes"] = ctx.world_size
         counts = caption_files(
             model,
             processor,
@@ -69,13 +84,17 @@ def _cmd_caption(args: argparse.Namespace) -> int:
             resume=args.resume,
             retry_errors=not args.keep_errors,
             max_pixels=args.max_pixels,
-            progress=not args.no_progress,
+            progress=not args.no_progress and ctx.is_main,
             generate_kwargs=generation_kwargs(args),
+            ctx=ctx,
         )
+    if not ctx.is_main:  # rank 0 reports the whole run
+        return 0
     retried = f", {counts['retried']} earlier errors retried" if counts["retried"] else ""
+    ranks = f" by {ctx.world_size} processes" if ctx.is_sharded else ""
     print(
         f"{args.out}: {counts['done']} captioned, {counts['errors']} errors, "
-        f"{counts['skipped']} already done{retried}",
+        f"{counts['skipped']} already done{retried}{ranks}",
         file=sys.stderr,
     )
     if len(files) < len(found):

@@ -18,6 +18,8 @@ __all__ = [
     "check_args",
     "check_device",
     "build_from_args",
+    "load_from_args",
+    "rank_device",
     "generation_kwargs",
     "resolve_model",
     "model_settings",
@@ -52,8 +54,8 @@ def default_model() -> str:
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, max_new_tokens: int = 64) -> None:
-    """Add ``--model --dtype --device --method --method-config --seed --batch-size
-    --max-new-tokens --do-sample --temperature --top-p --top-k --backend``."""
+    """Add ``--model --dtype --device --device-map --method --method-config --seed
+    --batch-size --max-new-tokens --do-sample --temperature --top-p --top-k --backend``."""
     g = parser.add_argument_group("model and decoding")
     g.add_argument(
         "--model",
@@ -63,6 +65,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
     )
     g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=DEVICE_MAPS,
+        help="spread one model over every visible GPU (and CPU memory when they are full), for models "
+        "that do not fit one GPU; 'auto' is the usual choice (instead of --device)",
+    )
     g.add_argument(
         "--method",
         action="append",
@@ -100,6 +109,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
         help="attention backend: auto ($VLMFIX_BACKEND if set, else triton on CUDA, reference elsewhere), "
         "reference (pure torch) or triton (fused kernels)",
     )
+
+
+#: ``--device-map`` values: accelerate's placement strategies.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def build_methods(args: argparse.Namespace) -> list:
@@ -162,6 +175,10 @@ def check_args(args: argparse.Namespace) -> list:
         raise ConfigError(f"--top-k {args.top_k} must be >= 0 (0 = off)")
     resolve_dtype(args.dtype)
     check_device(args.device)
+    if getattr(args, "device_map", None) is not None and args.device is not None:
+        raise ConfigError(
+            f"--device {args.device} and --device-map {args.device_map} both place the model; pass one of them"
+        )
     # The attention backend is resolved here ("auto" -> what will run), so a forced triton
     # that cannot run fails before the model loads and records state the backend used.
     import torch
@@ -181,12 +198,50 @@ def build_from_args(args: argparse.Namespace):
     Returns:
         ``(model, processor, methods, model_id)``.
     """
-    from vlmfix.loading import load
-
     methods = check_args(args)
     name = args.model or default_model()
-    model, processor = load(name, dtype=args.dtype, device=args.device)
+    model, processor = load_from_args(args, name)
     return model, processor, methods, name
+
+
+def load_from_args(args: argparse.Namespace, name: str):
+    """:func:`vlmfix.load` with ``--dtype``, ``--device`` and ``--device-map``."""
+    from vlmfix.loading import load
+
+    return load(name, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
+
+
+def rank_device(args: argparse.Namespace, ctx) -> None:
+    """Under a launch of several processes, put this rank's model on its own device.
+
+    ``--device`` unset or ``cuda`` becomes the rank's device (``cuda:LOCAL_RANK``, or
+    ``cpu`` without GPUs); an explicit ``cuda:N`` is kept (every rank then shares it, with
+    a warning).
+
+    Args:
+        args: parsed options (``device``, ``device_map``).
+        ctx: the :class:`vlmfix.shard.DistContext` of this process.
+
+    Raises:
+        ConfigError: ``--device-map`` under several processes (each rank would spread its
+            model over every GPU of the host).
+    """
+    from vlmfix.errors import ConfigError
+
+    if not ctx.is_sharded:
+        return
+    if getattr(args, "device_map", None) is not None:
+        raise ConfigError(
+            f"--device-map {args.device_map} spreads one model over every visible GPU, but this launch runs "
+            f"{ctx.world_size} processes, which would all do so; use one process with --device-map, or "
+            "several processes without it (one model per GPU)"
+        )
+    if args.device is None or args.device == "cuda":
+        args.device = ctx.device
+    elif str(args.device).startswith("cuda"):
+        logger.warning(
+            "--device %s under %d processes: every rank loads its model on that one GPU", args.device, ctx.world_size
+        )
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:

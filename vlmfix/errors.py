@@ -43,3 +43,10 @@ class LayoutMismatchError(VlmfixError, RuntimeError):
 
 class BackendUnavailableError(VlmfixError, RuntimeError):
     """An attention backend was forced where it cannot run (e.g. ``triton`` without CUDA)."""
+
+
+class ShardError(VlmfixError, RuntimeError):
+    """Another process of a sharded launch failed, or stopped answering.
+
+    The records every process finished are kept in its part file; re-running the same
+    command resumes the run."""

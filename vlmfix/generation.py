@@ -38,6 +38,7 @@ from vlmfix.beam import BeamSearch
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.layout import positions_from_mask
+from vlmfix.loading import input_device
 from vlmfix.methods.base import MethodConfig
 
 __all__ = ["GenerationOutput", "generate", "prepare_inputs", "prepare_rows", "sample_next"]
@@ -299,7 +300,7 @@ def generate(
         raise ConfigError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass do_sample=False")
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
-    device = next(model.parameters()).device
+    device = input_device(model)  # with a device_map: where the input embeddings run
     from vlmfix import fastpath
 
     path = fastpath.resolve_decode_path(decode_path, device)
@@ -339,6 +340,9 @@ def generate(
         decode = {"requested": decode_path, "path": path, "fallback": None, "capture_s": 0.0, "replays": 0}
         if path != "eager":
             why = fastpath.blockers(handle.methods, use_cache=use_cache, num_beams=num_beams)
+            if path == "graph" and len({str(p.device) for p in model.parameters()}) > 1:
+                # one CUDA graph captures one device's stream: run the static step uncaptured
+                decode.update(path="static", fallback="the model is spread over several devices (device_map)")
             if why:
                 decode.update(path="eager", fallback="; ".join(why))
                 (logger.info if decode_path == "auto" else logger.warning)(

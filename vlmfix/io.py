@@ -175,6 +175,11 @@ class JsonlWriter:
         for rec in records:
             self.write(rec)
 
+    def sync(self) -> None:
+        """Flush everything written so far to disk (``os.fsync``)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -12,7 +12,7 @@ import torch
 from vlmfix.adapters import ADAPTERS, get_adapter, supported_model_types
 from vlmfix.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
-__all__ = ["load", "resolve_dtype", "model_id"]
+__all__ = ["load", "resolve_dtype", "model_id", "input_device", "placement"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,65 @@ def _read_model_type(folder: Path) -> str:
         raise ModelNotFoundError(f"{cfg}: not valid JSON ({exc})") from None
 
 
+def input_device(model) -> torch.device:
+    """The device a forward's inputs go to: where the input embeddings run.
+
+    A model on one device: that device. A model split over devices with a ``device_map``
+    (accelerate hooks move activations between them and return the outputs on the
+    inputs' device): the device of the input embeddings, or their execution device when
+    their weights are offloaded (``meta`` until the forward).
+    """
+    emb = model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    for module in (emb, model):
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def placement(model) -> str:
+    """Where the model runs, as recorded in run metadata: ``"cuda:0"``, or the devices of
+    its ``device_map`` (``"cuda:0+cuda:1"``, ``"cuda:0+cpu+disk"``)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    first = str(input_device(model))
+    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()} | {first}
+    if len(devices) > 1:
+        return "+".join(sorted(devices, key=lambda d: (not d.startswith("cuda"), d != "cpu", d)))
+    return first
+
+
+def _dispatch(model, device_map, max_memory, offload_folder):
+    """Spread an in-memory model (``tiny-random``) over devices, as ``from_pretrained``
+    does for a checkpoint."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=model._no_split_modules or []
+        )
+    devices = set(device_map.values())
+    if len(devices) == 1 and "disk" not in devices:  # one device: no hooks, as transformers does
+        model.hf_device_map = dict(device_map)
+        return model.to(next(iter(devices)))
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+
+
 def load(
     name_or_path: str | os.PathLike = "testbed",
     *,
     dtype="auto",
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     attn_implementation: str = "sdpa",
 ):
     """Load a supported model and its processor.
@@ -66,6 +120,14 @@ def load(
             or ``"tiny-random"`` / ``"tiny-random:FAMILY"`` (random tiny model, for tests).
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         device: where to put the model (default: CUDA if available, else CPU).
+        device_map: instead of ``device``, spread the model over several devices, for
+            models that do not fit one GPU: ``"auto"`` (every visible GPU, then CPU
+            memory), ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or a dict
+            ``{module name: device}`` (transformers / accelerate semantics). Inputs go to
+            the input embeddings' device (:func:`input_device`); accelerate moves the
+            activations between layers.
+        max_memory: with ``device_map``: memory per device, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: with ``device_map``: where weights that fit nowhere are offloaded.
         attn_implementation: initial attention of every sub-model (``"sdpa"`` or ``"eager"``).
 
     Returns:
@@ -74,12 +136,21 @@ def load(
     Raises:
         UnsupportedModelError: the checkpoint is not LLaVA / LLaVA-NeXT / LLaVA-OneVision.
         ModelNotFoundError: the name resolves to nothing (offline: pass a local path).
+        ConfigError: both ``device`` and ``device_map``, or ``max_memory`` /
+            ``offload_folder`` without ``device_map``.
+
+    Example:
+        >>> model, processor = vlmfix.load("llava-hf/llava-1.5-13b-hf", dtype="float16", device_map="auto")  # doctest: +SKIP
     """
     import transformers
     from transformers import AutoProcessor
 
     torch_dtype = resolve_dtype(dtype)
-    if device is None:
+    if device_map is not None and device is not None:
+        raise ConfigError(f"device={device!r} and device_map={device_map!r} both place the model; pass one of them")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ConfigError("max_memory and offload_folder only apply with device_map (e.g. device_map='auto')")
+    if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(name_or_path)
 
@@ -92,6 +163,8 @@ def load(
             dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
             attn_implementation=attn_implementation,
         )
+        if device_map is not None:
+            return _dispatch(model, device_map, max_memory, offload_folder), processor
         return model.to(device), processor
 
     if name == "testbed" or name.startswith("testbed:"):
@@ -124,8 +197,13 @@ def load(
         )
     adapter = ADAPTERS[model_type]
     model_cls = getattr(transformers, adapter.model_class)
-    model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
-    model = model.to(device).eval()
+    placing = {}
+    if device_map is not None:
+        placing = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation, **placing)
+    if device_map is None:
+        model = model.to(device)
+    model = model.eval()
     processor = AutoProcessor.from_pretrained(source)
     get_adapter(model)  # validates the loaded class once more
     return model, processor

@@ -216,19 +216,20 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
             from vlmfix.cli_common import build_from_args, model_settings
         except ImportError as exc:
             raise ConfigError(f"generating needs vlmfix's model core, which is not available ({exc})") from None
-        from vlmfix.eval.runner import dist_context
+        from vlmfix.cli_common import rank_device
+        from vlmfix.eval.runner import add_telemetry
+        from vlmfix.loading import placement
+        from vlmfix.shard import dist_context
 
-        ctx = dist_context()
-        if ctx.world_size > 1 and getattr(args, "device", None) is None:
-            args.device = ctx.device  # one model per rank, each on its own device
+        rank_device(args, dist_context())  # one model per rank, each on its own device
         model, processor, methods, model_id = build_from_args(args)
-        device = str(next(model.parameters()).device)
+        device = placement(model)
         settings = model_settings(args, model, methods, model_id)
         resolved = {"model_resolved": settings["model_resolved"], "dtype": settings["dtype"]}
 
         def fn(images, prompts):
             out = vlmfix.generate(model, processor, images=images, prompts=prompts, methods=methods, **generation)
-            _add_stats(telemetry, out.stats)
+            add_telemetry(telemetry, out.stats)
             return out.texts
 
     telemetry: dict[str, Any] = {}
@@ -243,30 +244,6 @@ def _model(args: argparse.Namespace) -> tuple[Callable, dict[str, Any]]:
     }
     info.update(resolved)
     return fn, info
-
-
-def _add_stats(telemetry: dict[str, Any], stats: dict[str, Any]) -> None:
-    """Fold one batch's method telemetry into the run's: integer counters are summed over
-    batches, every other value is the last batch's; ``no_effect`` notes are collected."""
-    import json
-
-    from vlmfix.caption import method_warnings
-
-    stats = json.loads(json.dumps(stats or {}, default=str))
-    telemetry["batches"] = telemetry.get("batches", 0) + 1
-    per = telemetry.setdefault("methods", {})
-    for name, s in stats.items():
-        if not isinstance(s, dict):
-            continue
-        entry = per.setdefault(name, {"sums": {}, "last_batch": {}})
-        entry["last_batch"] = s
-        for key, value in s.items():
-            if isinstance(value, int) and not isinstance(value, bool):
-                entry["sums"][key] = entry["sums"].get(key, 0) + value
-    for note in method_warnings(stats):
-        notes = telemetry.setdefault("method_warnings", [])
-        if note not in notes:
-            notes.append(note)
 
 
 def cmd_pope(args: argparse.Namespace) -> int:
@@ -432,8 +409,8 @@ def _lock(out: Path):
     """Exclusive lock on the run folder (rank 0 only: the ranks of one launch share it)."""
     import contextlib
 
-    from vlmfix.eval.runner import dist_context
     from vlmfix.io import OutputLock
+    from vlmfix.shard import dist_context
 
     if not dist_context().is_main:
         return contextlib.nullcontext()

@@ -6,15 +6,18 @@ A run is a list of :class:`Sample` (a key, an image, a prompt). The loop
   records are retried unless ``retry_errors=False`` (the new record replaces the old);
 - holds :class:`vlmfix.io.OutputLock` on the folder (rank 0), so a second run on the
   same folder is refused with the holder's PID instead of duplicating work;
-- takes every ``world_size``-th sample on each rank (``accelerate launch``; rank and
-  world come from :class:`accelerate.PartialState`), so ranks never overlap;
+- under a launcher (``accelerate launch``, ``torchrun``; :func:`vlmfix.shard.dist_context`)
+  splits the samples still to do over the ranks (every ``world_size``-th one each), so
+  ranks never overlap, and each rank appends to its own part file
+  (:mod:`vlmfix.shard` describes the protocol);
 - loads images, calls ``generate_fn(images, prompts) -> texts`` batch by batch and
   appends one record per sample as soon as its batch finishes (:class:`vlmfix.io.JsonlWriter`:
   an interrupted run loses nothing and a restarted one duplicates nothing);
 - turns a missing or unreadable image, or a sample marked bad beforehand (unknown image
   id), into a per-sample ``error`` record instead of a crash;
-- on rank 0, after a barrier, merges the per-rank files into ``samples.jsonl`` in sample
-  order, so a sharded run gives the same file as a single-process one.
+- on rank 0, once every rank is done, merges the part files into ``samples.jsonl`` in
+  sample order, so a sharded run gives the same file as a single-process one; a failed
+  rank stops the others with :class:`~vlmfix.errors.ShardError` and the next run resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from vlmfix.errors import ConfigError, DataError, StateError
 from vlmfix.io import JsonlWriter, OutputLock, read_jsonl
+from vlmfix.shard import DistContext, ShardedRun, dist_context, merge_records, part_files, shard_items, write_records
 
 __all__ = [
     "Sample",
@@ -38,6 +42,8 @@ __all__ = [
     "run_samples",
     "check_run_config",
     "replace_records",
+    "add_telemetry",
+    "merge_telemetry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,39 +75,6 @@ class Sample:
     prompt: str = ""
     text: str | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and the barrier of this process."""
-
-    rank: int = 0
-    world_size: int = 1
-    barrier: Callable[[], None] = lambda: None
-    device: str | None = None  # this rank's device under a launcher, else None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_context() -> DistContext:
-    """Return this process's rank and world size.
-
-    Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) this uses
-    :class:`accelerate.PartialState` (gloo on CPU-only hosts); a plain process gets
-    rank 0 of 1 without importing torch. On a CPU-only host, launch with
-    ``accelerate launch --multi_gpu --num_processes N``: accelerate 1.15's ``--cpu``
-    path starts a single process unless it goes through ``mpirun``.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return DistContext()
-    import torch
-    from accelerate import PartialState
-
-    # Without CUDA, accelerate only sets up gloo when told the run is on CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return DistContext(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
 
 
 def check_run_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> None:
@@ -137,22 +110,37 @@ def check_run_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> None
     os.replace(tmp, path)
 
 
-def _rank_file(out: Path, rank: int) -> Path:
-    return out / f"samples.rank{rank}.jsonl"
+def _leftover_parts(out: Path) -> list[Path]:
+    """Part files of an interrupted launch: ``samples.jsonl.rank{r}-of-{n}.part.jsonl``, and
+    ``samples.rank{r}.jsonl`` from vlmfix versions before them."""
+    return [*part_files(out / SAMPLES_FILE), *sorted(out.glob("samples.rank*.jsonl"))]
 
 
-def _existing_records(out: Path) -> dict[str, dict]:
-    """The record of every key on disk: the first good record, else the latest error
-    (a retried sample has its old error record and, later, its new record)."""
-    recs: dict[str, dict] = {}
-    for path in [out / SAMPLES_FILE, *sorted(out.glob("samples.rank*.jsonl"))]:
-        if path.exists():
-            for rec in read_jsonl(path, strict=False):
-                if "key" in rec:
-                    old = recs.get(rec["key"])
-                    if old is None or "error" in old:
-                        recs[rec["key"]] = rec
-    return recs
+def _key(rec: dict) -> str | None:
+    return rec.get("key")
+
+
+def _existing_records(out: Path, parts: Sequence[Path] = ()) -> dict[str, dict]:
+    """The record of every key in ``samples.jsonl`` and ``parts``: the first good record,
+    else the latest error (a retried sample has its old error record and, later, its new
+    record)."""
+    paths = [p for p in (out / SAMPLES_FILE, *parts) if p.exists()]
+    return merge_records((read_jsonl(p, strict=False) for p in paths), _key)
+
+
+def _fold_leftovers(out: Path) -> None:
+    """Rank 0, before any rank reads: move the records of an interrupted launch's part
+    files into ``samples.jsonl`` (nothing lost, nothing twice), then delete the parts."""
+    leftovers = _leftover_parts(out)
+    if not leftovers:
+        return
+    for p in leftovers:  # a live process still appending to one would lose records
+        OutputLock(p).acquire().release()
+    recs = _existing_records(out, leftovers)
+    logger.info("folding %d part files of an interrupted launch into %s", len(leftovers), out / SAMPLES_FILE)
+    write_records(out / SAMPLES_FILE, recs.values())
+    for p in leftovers:
+        p.unlink()
 
 
 def _check_same_inputs(out: Path, samples: Sequence[Sample], done: dict[str, dict]) -> None:
@@ -205,6 +193,7 @@ def run_samples(
     ctx: DistContext | None = None,
     progress: bool = False,
     retry_errors: bool = True,
+    telemetry: dict[str, Any] | None = None,
 ) -> list[dict] | None:
     """Run (or resume) ``samples`` and return every record in sample order.
 
@@ -217,17 +206,21 @@ def run_samples(
             (parsed answer, mentions, ...).
         batch_size: prompts per ``generate_fn`` call.
         ctx: distributed context (default: :func:`dist_context`).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (rank 0).
         retry_errors: run again the samples whose stored record is an error (a fixed
             image folder, a repaired file); False keeps error records as final.
+        telemetry: this rank's method telemetry, filled by ``generate_fn`` with
+            :func:`add_telemetry`; on rank 0 of a sharded run it is replaced, in place,
+            by every rank's (:func:`merge_telemetry`).
 
     Returns:
         On rank 0, the records (one per sample, in order; failed samples have an
-        ``error`` field). On other ranks, None.
+        ``error`` field). On other ranks, None (after rank 0 has written them).
 
     Raises:
         DataError: repeated keys, or ``generate_fn`` returned the wrong number of texts.
         StateError: another process is running on ``out_dir``.
+        ShardError: another rank of the launch failed.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -240,30 +233,36 @@ def run_samples(
     lock = OutputLock(out, folder=True) if ctx.is_main else None
     if lock is not None:
         lock.acquire()
+    records: list[dict] | None = None
     try:
-        done = _existing_records(out)
-        _check_same_inputs(out, samples, done)
-        finished = {k for k, r in done.items() if "error" not in r or not retry_errors}
-        mine = [s for i, s in enumerate(samples) if i % ctx.world_size == ctx.rank and s.key not in finished]
-        if done:
-            retry = sum(1 for k in keys if k in done and k not in finished)
-            logger.info(
-                "resuming: %d of %d samples already done%s",
-                len(finished & set(keys)),
-                len(keys),
-                f", retrying {retry} error records" if retry else "",
-            )
-        target = out / SAMPLES_FILE if ctx.world_size == 1 else _rank_file(out, ctx.rank)
-        with JsonlWriter(target) as writer:
-            _loop(mine, generate_fn, finish, writer, batch_size, progress and ctx.is_main)
-        ctx.barrier()  # every shard is written
-        if not ctx.is_main:
-            ctx.barrier()  # wait until rank 0 has merged, so a next run sees the merged file
-            return None
-        try:
-            return _merge(out, samples)
-        finally:
-            ctx.barrier()
+        with ShardedRun(out / SAMPLES_FILE, ctx) as run:
+            run.start(prepare=lambda: _fold_leftovers(out))
+            done = _existing_records(out)
+            _check_same_inputs(out, samples, done)
+            finished = {k for k, r in done.items() if "error" not in r or not retry_errors}
+            todo = [s for s in samples if s.key not in finished]
+            mine = shard_items(todo, ctx.rank, ctx.world_size)
+            if done and ctx.is_main:
+                retry = sum(1 for k in keys if k in done and k not in finished)
+                logger.info(
+                    "resuming: %d of %d samples already done%s",
+                    len(finished & set(keys)),
+                    len(keys),
+                    f", retrying {retry} error records" if retry else "",
+                )
+            with JsonlWriter(run.part) as writer:
+                _loop(mine, generate_fn, finish, writer, batch_size, progress and ctx.is_main)
+
+            def merge(parts: list[Path]) -> None:
+                nonlocal records
+                records = _merge(out, samples, parts)
+
+            run.finish(merge, payload=telemetry)
+        if telemetry is not None and ctx.is_sharded and ctx.is_main:
+            merged = merge_telemetry(run.payloads)
+            telemetry.clear()
+            telemetry.update(merged)
+        return records
     finally:
         if lock is not None:
             lock.release()
@@ -309,13 +308,61 @@ def _loop(mine, generate_fn, finish, writer, batch_size, progress) -> None:
         bar.close()
 
 
+def add_telemetry(telemetry: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Fold one batch's method telemetry into the run's: integer counters are summed over
+    batches (``methods.<name>.sums``), every other value is the last batch's
+    (``methods.<name>.last_batch``); ``no_effect`` notes are collected (``method_warnings``)."""
+    from vlmfix.caption import method_warnings
+
+    stats = json.loads(json.dumps(stats or {}, default=str))
+    telemetry["batches"] = telemetry.get("batches", 0) + 1
+    per = telemetry.setdefault("methods", {})
+    for name, s in stats.items():
+        if not isinstance(s, dict):
+            continue
+        entry = per.setdefault(name, {"sums": {}, "last_batch": {}})
+        entry["last_batch"] = s
+        for key, value in s.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                entry["sums"][key] = entry["sums"].get(key, 0) + value
+    for note in method_warnings(stats):
+        notes = telemetry.setdefault("method_warnings", [])
+        if note not in notes:
+            notes.append(note)
+
+
+def merge_telemetry(per_rank: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """The telemetry of a sharded run from each rank's (:func:`add_telemetry`): batches and
+    ``sums`` added up, ``last_batch`` of the lowest rank that has one, warnings joined."""
+    out: dict[str, Any] = {}
+    for tel in per_rank:
+        if not tel:
+            continue
+        if "batches" in tel:
+            out["batches"] = out.get("batches", 0) + tel["batches"]
+        if "methods" in tel:
+            out.setdefault("methods", {})
+        for name, entry in (tel.get("methods") or {}).items():
+            first = {"sums": {}, "last_batch": entry.get("last_batch", {})}
+            mine = out.setdefault("methods", {}).setdefault(name, first)
+            for key, value in (entry.get("sums") or {}).items():
+                mine["sums"][key] = mine["sums"].get(key, 0) + value
+        for note in tel.get("method_warnings", []):
+            if note not in out.setdefault("method_warnings", []):
+                out["method_warnings"].append(note)
+    return out
+
+
 def _error_record(s: Sample, message: str) -> dict:
     logger.warning("sample %s: %s", s.key, message)
     return {"key": s.key, **s.meta, "error": message}
 
 
-def _merge(out: Path, samples: Sequence[Sample]) -> list[dict]:
-    recs = _existing_records(out)
+def _merge(out: Path, samples: Sequence[Sample], parts: Sequence[Path]) -> list[dict]:
+    """Write ``samples.jsonl`` from itself and this launch's ``parts``, in sample order;
+    records of samples outside this invocation (e.g. an earlier run without --limit) are
+    kept after them, unchanged. The parts are deleted by the caller afterwards."""
+    recs = _existing_records(out, parts)
     missing = [s.key for s in samples if s.key not in recs]
     if missing:
         raise StateError(
@@ -324,22 +371,11 @@ def _merge(out: Path, samples: Sequence[Sample]) -> list[dict]:
         )
     keys = [s.key for s in samples]
     ordered = [recs[k] for k in keys]
-    rank_files = sorted(out.glob("samples.rank*.jsonl"))
-    on_disk = [r["key"] for r in read_jsonl(out / SAMPLES_FILE, strict=False)] if (out / SAMPLES_FILE).exists() else []
-    if rank_files or on_disk[: len(keys)] != keys or len(on_disk) != len(recs):
-        # Rewrite atomically in sample order; records of samples outside this invocation
-        # (e.g. an earlier run without --limit) are kept after them, unchanged.
+    main = out / SAMPLES_FILE
+    on_disk = [r.get("key") for r in read_jsonl(main, strict=False)] if main.exists() else []
+    if any(p.exists() for p in parts) or on_disk[: len(keys)] != keys or len(on_disk) != len(recs):
         keyset = set(keys)
-        extra = [r for k, r in recs.items() if k not in keyset]
-        tmp = out / f".{SAMPLES_FILE}.tmp"
-        if tmp.exists():
-            tmp.unlink()
-        with JsonlWriter(tmp, fsync=True) as w:
-            w.write_many(ordered)
-            w.write_many(extra)
-        os.replace(tmp, out / SAMPLES_FILE)
-        for f in rank_files:
-            f.unlink()
+        write_records(main, [*ordered, *(r for k, r in recs.items() if k not in keyset)])
     return ordered
 
 
@@ -349,9 +385,4 @@ def replace_records(out_dir: str | os.PathLike, updated: Sequence[dict]) -> None
     out = Path(out_dir)
     by_key = {r["key"]: r for r in updated}
     recs = list(read_jsonl(out / SAMPLES_FILE, strict=False))
-    tmp = out / f".{SAMPLES_FILE}.tmp"
-    if tmp.exists():
-        tmp.unlink()
-    with JsonlWriter(tmp, fsync=True) as w:
-        w.write_many(by_key.get(r.get("key"), r) for r in recs)
-    os.replace(tmp, out / SAMPLES_FILE)
+    write_records(out / SAMPLES_FILE, [by_key.get(r.get("key"), r) for r in recs])

@@ -99,14 +99,39 @@ def early_exit_logits(handle, hidden: torch.Tensor, final_norm: bool = True) -> 
     """``lm_head(norm(hidden))`` (or ``lm_head(hidden)``) in the model's dtype, returned as fp32.
 
     The head's weights are applied directly (``F.linear``), so hooks that other methods put
-    on ``lm_head`` (VISTA's logit mixing) do not fire for early-exit projections.
+    on ``lm_head`` (VISTA's logit mixing) do not fire for early-exit projections. On a model
+    spread over devices with a ``device_map``, the hidden state is moved to where the norm
+    and the head run (accelerate's own hooks load offloaded weights for the projection), so
+    the result sits on the head's device: callers move it next to their logits.
 
     Args:
         handle: the :class:`~vlmfix.attachment.AttachHandle`.
         hidden: ``[..., D]`` hidden states.
         final_norm: apply the LM's final norm first, as the model does for its last layer.
+
+    Returns:
+        fp32 ``[..., V]`` on the head's device.
     """
     if final_norm:
-        hidden = handle.adapter.get(handle.model, "final_norm")(hidden)
+        norm = handle.adapter.get(handle.model, "final_norm")
+        if getattr(norm, "_hf_hook", None) is None:  # with a hook, the norm's call moves the input
+            hidden = hidden.to(_weight_device(norm, hidden.device))
+        hidden = norm(hidden)
     head = handle.adapter.get(handle.model, "lm_head")
-    return torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    hook = getattr(head, "_hf_hook", None)
+    if hook is None:
+        hidden = hidden.to(head.weight.device)
+        return torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    # device_map: run accelerate's hook around the projection, as a forward of the head does
+    # (input to the execution device; offloaded weights loaded, then released).
+    (hidden,), _ = hook.pre_forward(head, hidden)
+    out = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    hook.post_forward(head, out)
+    return out.float()
+
+
+def _weight_device(module: torch.nn.Module, default: torch.device) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return default

@@ -174,6 +174,8 @@ class PruningRuntime(Method):
 
         The default reads the attention measured at the stage's ``rank_layer``."""
         att = self._att.get(stage)
+        if att is not None:
+            att = att.to(layout.labels.device)  # measured on the rank layer's device
         if att is None or att.shape != layout.labels.shape:
             from vlmfix.errors import StateError
 
@@ -262,7 +264,11 @@ class PruningRuntime(Method):
             )
         hidden = args[0] if args else kwargs["hidden_states"]
         T = hidden.shape[1]
-        layout = ctrl.layout_for(idx - 1) if idx > 0 else ctrl.layout
+        # With a device_map the layers may sit on several devices: everything this stage
+        # indexes is brought to the incoming hidden state's device (no-ops on one device).
+        dev = hidden.device
+        layout = ctrl.layout_on(ctrl.layout_for(idx - 1) if idx > 0 else ctrl.layout, dev)
+        main_layout = ctrl.layout_on(ctrl.layout, dev)
         if layout.length != T:
             from vlmfix.errors import LayoutMismatchError
 
@@ -274,7 +280,8 @@ class PruningRuntime(Method):
             self._fwd["full"] = hidden
         else:
             # rows dropped at this stage keep the value they had on entering it
-            full = self._fwd["full"]
+            full = self._fwd["full"].to(dev)
+            prev = {**prev, "idx": prev["idx"].to(dev), "filler": prev["filler"].to(dev)}
             rows = _rows(prev["idx"], full)
             self._fwd["full"] = full.scatter(
                 1, rows, torch.where(prev["filler"][..., None], full.gather(1, rows), hidden)
@@ -287,7 +294,7 @@ class PruningRuntime(Method):
             source = self.merge(stage, hidden, layout, keep)
             local, filler = _gather_index(keep)
             full_idx = local if prev is None else prev["idx"].gather(1, local)
-            sel = {"idx": full_idx, "filler": filler, "prompt": ctrl.layout.length}
+            sel = {"idx": full_idx, "filler": filler, "prompt": main_layout.length}
             if source is not hidden:
                 sel["merged"] = source.gather(1, _rows(local, source))
             self._sel.append(sel)
@@ -295,13 +302,13 @@ class PruningRuntime(Method):
         else:
             # a no-cache step continuing the sequence: the same selection, generated rows kept
             sel = self._sel[stage]
-            full_idx, filler = _extend_index(sel["idx"], sel["filler"], ctrl.layout.length, sel["prompt"])
+            full_idx, filler = _extend_index(sel["idx"], sel["filler"], main_layout.length, sel["prompt"])
         gathered = full.gather(1, _rows(full_idx, full))
         if "merged" in sel:
             gathered[:, : sel["merged"].shape[1]] = sel["merged"]
-        pos_ids = ctrl.layout.positions.gather(1, full_idx)
+        pos_ids = main_layout.positions.gather(1, full_idx)
         rope = self._rope(stage, kwargs, full_idx, gathered, pos_ids, filler)
-        ctrl.set_layer_layout(idx, _pruned_layout(ctrl.layout, full_idx, filler))
+        ctrl.set_layer_layout(idx, _pruned_layout(main_layout, full_idx, filler))
         self._fwd["cur"] = {"idx": full_idx, "filler": filler, "rope": rope, "pos_ids": pos_ids}
         self._fwd["hidden"] = gathered
 
@@ -316,7 +323,7 @@ class PruningRuntime(Method):
             rotary = self.handle.adapter.get(self.handle.model, "language_model").rotary_emb
             return rotary(hidden, position_ids=repacked)
         B = full_idx.shape[0]
-        idx = full_idx[..., None].expand(-1, -1, cos.shape[-1])
+        idx = full_idx.to(cos.device)[..., None].expand(-1, -1, cos.shape[-1])
         return cos.expand(B, -1, -1).gather(1, idx), sin.expand(B, -1, -1).gather(1, idx)
 
     def _repack_decode(self, idx: int, args, kwargs):
@@ -331,7 +338,8 @@ class PruningRuntime(Method):
         ropes = self._fwd.setdefault("decode_rope", {})
         if stage not in ropes:
             hidden = args[0] if args else kwargs["hidden_states"]
-            pos = self.handle.controller.query_positions(hidden.shape[1]) - self._shift[stage][:, None]
+            pos = self.handle.controller.query_positions(hidden.shape[1])
+            pos = pos - self._shift[stage].to(pos.device)[:, None]
             rotary = self.handle.adapter.get(self.handle.model, "language_model").rotary_emb
             ropes[stage] = rotary(hidden, position_ids=pos)
         kwargs["position_embeddings"] = ropes[stage]
@@ -342,9 +350,9 @@ class PruningRuntime(Method):
         if cur is None or not self.handle.controller.is_prefill:
             return None
         out = output[0] if isinstance(output, tuple) else output
-        full = self._fwd["full"]
-        rows = _rows(cur["idx"], full)
-        src = torch.where(cur["filler"][..., None], full.gather(1, rows), out.to(full.dtype))
+        full = self._fwd["full"].to(out.device)  # the first stage's device, with a device_map
+        rows = _rows(cur["idx"].to(out.device), full)
+        src = torch.where(cur["filler"].to(out.device)[..., None], full.gather(1, rows), out.to(full.dtype))
         restored = full.scatter(1, rows, src).to(out.dtype)
         self._fwd = {}
         return (restored, *output[1:]) if isinstance(output, tuple) else restored

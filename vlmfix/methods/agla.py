@@ -120,7 +120,8 @@ class AGLAMethod(Method):
                 "agla: no attention statistics were recorded at the probe forward; AGLA needs "
                 "vlmfix.generate and image tokens in every prompt"
             )
-        relevance = torch.stack(self._attn).mean(0)
+        dev = self._image.device  # layers may sit on several devices (device_map)
+        relevance = torch.stack([a.to(dev) for a in self._attn]).mean(0)
         kept = agla_keep_mask(relevance, self._image, self.config.keep)
         self._stats = {"kept_tokens": kept.sum(-1).tolist(), "image_tokens": self._image.sum(-1).tolist()}
         return self._image & ~kept

@@ -97,7 +97,8 @@ class AvisCMethod(Method):
             )
         cfg = self.config
         layers = sorted(self._attn)
-        per_layer = torch.stack([self._attn[i] for i in layers])  # [layers, B, L]
+        dev = self._image_mask.device  # layers may sit on several devices (device_map)
+        per_layer = torch.stack([self._attn[i].to(dev) for i in layers])  # [layers, B, L]
         mass = per_layer.sum(-1)  # [layers, B]
         zero = torch.zeros_like(self._image_mask)
         kept_layers, n_blind = [], []

@@ -124,6 +124,7 @@ class DeCoMethod(Method):
         cfg, outputs = self.config, self._outputs
         main = slice(0, logits.shape[0])
         early = torch.stack([early_exit_logits(self.handle, outputs.last(i, main)) for i in outputs.layers])
+        early = early.to(logits.device)  # the head's device, with a device_map
         out, layer = deco_correct(logits, early, cfg.alpha, cfg.top_k, cfg.top_p)
         # scatter_add, not bincount: bincount reads the maximum on the host (a sync)
         counts = torch.zeros(len(outputs.layers), dtype=torch.long, device=layer.device)

@@ -92,8 +92,8 @@ class LOLMethod(Method):
             specs.append(BranchSpec("refocused", system=cfg.refocus))
         return tuple(specs)
 
-    def _lower(self, rows) -> object:
-        return early_exit_logits(self.handle, self._outputs.last(self._layer, rows))
+    def _lower(self, rows, device):
+        return early_exit_logits(self.handle, self._outputs.last(self._layer, rows)).to(device)
 
     def combine(self, step, logits, branch_logits):
         cfg, rows = self.config, self.handle.controller.rows
@@ -101,12 +101,12 @@ class LOLMethod(Method):
         if len(branch_logits) > 1:
             expert, expert_lower = (
                 branch_logits[1].float(),
-                self._lower(rows.branch_rows(rows.branches.index((self.name, "refocused")))),
+                self._lower(rows.branch_rows(rows.branches.index((self.name, "refocused"))), logits.device),
             )
         else:
-            expert, expert_lower = logits, self._lower(rows.main_rows)
+            expert, expert_lower = logits, self._lower(rows.main_rows, logits.device)
         a = cfg.alpha
         final = (1 + a) * expert - a * branch_logits[0].float()
-        lower = (1 + a) * expert_lower - a * self._lower(amateur_rows)
+        lower = (1 + a) * expert_lower - a * self._lower(amateur_rows, logits.device)
         fused = final + cfg.fusion_weight * lower
         return fused.masked_fill(~plausible(expert, cfg.beta), float("-inf"))

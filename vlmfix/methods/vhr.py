@@ -278,8 +278,9 @@ def vhd(model, processor, image, prompt: str, *, mode: str = "forward", apply_ch
     """
     from vlmfix.attachment import attach
     from vlmfix.generation import prepare_inputs
+    from vlmfix.loading import input_device
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     dtype = next(model.parameters()).dtype
     inputs = prepare_inputs(
         processor, [image], [prompt], apply_chat_template=apply_chat_template, device=device, dtype=dtype

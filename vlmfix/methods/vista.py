@@ -201,5 +201,5 @@ class VISTAMethod(SLAOnlyMethod):
     def stats(self):
         if not self._vsv:
             return {}
-        norms = torch.stack([self._vsv[i].norm(dim=-1) for i in sorted(self._vsv)])  # [layers, B]
+        norms = torch.stack([self._vsv[i].norm(dim=-1).cpu() for i in sorted(self._vsv)])  # [layers, B]
         return {"vsv_norm_mean": norms.mean(0).tolist()}

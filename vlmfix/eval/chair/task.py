@@ -22,7 +22,7 @@ from vlmfix.eval.chair.scorer import (
 )
 from vlmfix.eval.records import read_records
 from vlmfix.eval.report import captions_html, write_report, write_results
-from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, run_samples
+from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, dist_context, run_samples
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -219,9 +219,11 @@ def run_chair(
             return {"caption": text, "empty": True, **score.to_dict()}
         return {"caption": text, **score.to_dict()}
 
+    ctx = ctx or dist_context()
     records = run_samples(
         samples, out_dir, generate_fn, finish,
         batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+        telemetry=run_info.get("method_stats"),
     )  # fmt: skip
     if records is None:
         return None
@@ -253,6 +255,8 @@ def run_chair(
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if ctx.is_sharded:  # the only field that differs from a single-process run
+        results["num_processes"] = ctx.world_size
     if results.get("limited"):  # a --limit run left items out: never complete
         results["complete"] = False
     write_results(out_dir, results)

@@ -14,7 +14,15 @@ from vlmfix.eval.pope.data import PopeQuestion
 from vlmfix.eval.pope.metrics import POPE_METRIC_VERSION, mean_f1, pope_intervals, pope_metrics
 from vlmfix.eval.pope.parsers import apply_template, get_parser, get_template
 from vlmfix.eval.report import write_report, write_results
-from vlmfix.eval.runner import DistContext, GenerateFn, Sample, check_run_config, replace_records, run_samples
+from vlmfix.eval.runner import (
+    DistContext,
+    GenerateFn,
+    Sample,
+    check_run_config,
+    dist_context,
+    replace_records,
+    run_samples,
+)
 
 __all__ = ["run_pope", "score_pope_records"]
 
@@ -108,9 +116,11 @@ def run_pope(
     def finish(_sample: Sample, text: str) -> dict[str, Any]:
         return {"answer": text, "pred": answer_parser(text), "parser": answer_parser.to_dict()}
 
+    ctx = ctx or dist_context()
     records = run_samples(
         samples, out_dir, generate_fn, finish,
         batch_size=batch_size, ctx=ctx, progress=progress, retry_errors=retry_errors,
+        telemetry=run_info.get("method_stats"),
     )  # fmt: skip
     if records is None:
         return None
@@ -129,6 +139,8 @@ def run_pope(
         "methods": run_info.pop("methods", []),
         **run_info,
     }
+    if ctx.is_sharded:  # the only field that differs from a single-process run
+        results["num_processes"] = ctx.world_size
     if results.get("limited"):  # a --limit run left items out: never complete
         results["complete"] = False
     write_results(out_dir, results)
