@@ -161,11 +161,12 @@ class Controller:
         # token map on each device other than the inputs' (see layout_on).
         self._copies: dict[tuple[int, torch.device], Layout] = {}
 
-    def enter_static(self, static) -> None:
+    def enter_static(self, static, into: tuple | None = None) -> None:
         """Switch to static decoding after a prefill: every token map gets exactly
-        ``static.capacity`` columns (see :meth:`Layout.as_static`)."""
+        ``static.capacity`` columns (see :meth:`Layout.as_static`; ``into``: buffers for the
+        batch map, of a reused captured step)."""
         self.static = static
-        self.layout = self.layout.as_static(static.capacity)
+        self.layout = self.layout.as_static(static.capacity, into)
         self.layer_layouts = [(f, lay.as_static(static.capacity)) for f, lay in self.layer_layouts]
 
     def account_replays(self, n: int) -> None:

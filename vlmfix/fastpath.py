@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DECODE_PATHS", "StaticDecode", "StaticKV", "static_cache", "blockers", "resolve_decode_path"]
+__all__ = ["DECODE_PATHS", "StaticDecode", "StaticKV", "blockers", "release", "resolve_decode_path", "static_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +227,104 @@ class GraphRunner:
         self.capture_s = time.perf_counter() - t0
         if self.on_capture is not None:
             self.on_capture()
+
+
+# ---------------------------------------------------------------------------- reuse
+# A captured decode step reads fixed addresses: the static cache, the static token maps
+# and the step's input/output buffers. When a later call has the same shapes and the
+# attached methods keep no per-sequence tensors (no attention plans, no prefill state),
+# the same graph serves it: its prefill writes into the same buffers, and decoding starts
+# with replays (no capture). One such step is kept per model (module-level, weakly keyed:
+# the model itself is not touched); a call of another shape or method set replaces it,
+# after freeing it. release(model) frees it at once.
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+BUCKET = 128  # cache capacity bucket (columns) of reusable steps
+
+
+def bucket(n: int) -> int:
+    """The cache capacity of a reusable step: ``n`` rounded up to a multiple of 128."""
+    return -(-n // BUCKET) * BUCKET
+
+
+def reusable(methods) -> bool:
+    """Whether a captured step of these methods can serve a later call (see above)."""
+    from vlmfix.methods.base import Method
+
+    return all(type(m) is Method or getattr(m, "graph_reusable", False) for m in methods)
+
+
+def _fingerprint(model) -> tuple:
+    params = list(model.parameters())
+    return (len(params), params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype, str(params[0].device))
+
+
+@dataclass
+class StepBuffers:
+    """Everything a captured decode step reads or writes, kept for reuse."""
+
+    key: tuple
+    fingerprint: tuple
+    cache: object
+    maps: tuple  # (labels, parts, positions) [R, C], image_start, image_end [R]
+    ids_in: torch.Tensor
+    pos_in: torch.Tensor
+    step: torch.Tensor
+    mask_in: torch.Tensor
+    generated: torch.Tensor
+    done: torch.Tensor
+    runner: GraphRunner | None = None
+
+
+def take(model, key: tuple) -> StepBuffers | None:
+    """The kept step of ``model`` when it matches ``key`` (and the model's parameters are
+    where they were); any other kept step is freed."""
+    kept = _KEPT.get(model)
+    if kept is None:
+        return None
+    if kept.key == key and kept.fingerprint == _fingerprint(model):
+        for layer in kept.cache.layers:
+            layer.prefill_length = 0
+        return kept
+    release(model)
+    return None
+
+
+def keep(model, buffers: StepBuffers) -> None:
+    _KEPT[model] = buffers
+
+
+def release(model) -> bool:
+    """Free the decode step (graph, static cache, buffers) kept for ``model``; True if one was."""
+    kept = _KEPT.pop(model, None)
+    if kept is None:
+        return False
+    kept.runner = None
+    kept.cache = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
+
+
+def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_dtype) -> StepBuffers:
+    from vlmfix.layout import Label
+
+    maps = (
+        torch.full((R, C), Label.PAD, dtype=torch.int8, device=dev),
+        torch.zeros((R, C), dtype=torch.int8, device=dev),
+        torch.zeros((R, C), dtype=torch.long, device=dev),
+        torch.zeros(R, dtype=torch.long, device=dev),
+        torch.zeros(R, dtype=torch.long, device=dev),
+    )
+    return StepBuffers(
+        key=key,
+        fingerprint=_fingerprint(model),
+        cache=cache,
+        maps=maps,
+        ids_in=torch.zeros((R, 1), dtype=id_dtype, device=dev),
+        pos_in=torch.zeros((R, 1), dtype=torch.long, device=dev),
+        step=torch.ones((), dtype=torch.long, device=dev),
+        mask_in=torch.ones((R, C), dtype=mask_dtype, device=dev),
+        generated=torch.zeros((B, C), dtype=id_dtype, device=dev),
+        done=torch.zeros(B, dtype=torch.bool, device=dev),
+    )

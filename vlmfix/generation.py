@@ -62,7 +62,8 @@ class GenerationOutput:
         decode: how the decode steps ran: ``path`` (``"graph"``, ``"static"`` or
             ``"eager"``), ``requested`` (the ``decode_path`` argument), ``fallback`` (why
             the path is not the requested one, else None), ``capture_s`` (CUDA graph
-            capture time), ``replays`` (steps served by graph replays).
+            capture time), ``replays`` (steps served by graph replays), ``reused``
+            (whether the step's buffers, and graph, came from an earlier call).
     """
 
     texts: list[str]
@@ -337,8 +338,12 @@ def generate(
             )
         handle.controller.rows = rows
         handle.controller.decode_capacity = max_new_tokens
-        decode = {"requested": decode_path, "path": path, "fallback": None, "capture_s": 0.0, "replays": 0}
-        if path != "eager":
+        decode = {
+            "requested": decode_path, "path": path, "fallback": None, "capture_s": 0.0, "replays": 0, "reused": False
+        }
+        if path != "eager" and max_new_tokens == 1:
+            decode.update(path="eager", fallback="max_new_tokens=1: no decode step to run")
+        if decode["path"] != "eager":
             why = fastpath.blockers(handle.methods, use_cache=use_cache, num_beams=num_beams)
             if path == "graph" and len({str(p.device) for p in model.parameters()}) > 1:
                 # one CUDA graph captures one device's stream: run the static step uncaptured
@@ -648,12 +653,32 @@ def _static_loop(
     T = max_new_tokens
     dev = input_ids.device
     ctrl = handle.controller
-    cache = fastpath.static_cache(model, L + T)
     cache_kw = _compat.cache_kwarg(model)
-    generated = torch.full((B, T), pad_id, dtype=input_ids.dtype, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
     finished = _AllDone(dev)
+    # A captured step serves later calls of the same shapes when the methods keep no
+    # per-sequence tensors (greedy, no per-step scores: see vlmfix.fastpath).
+    reuse = generator is None and not return_scores and fastpath.reusable(handle.methods)
+    if reuse:
+        C = fastpath.bucket(L + T)
+        key = (R, C, B, rows.branches, str(dev), ctrl.backend, tuple(sorted(eos)), pad_id,
+               tuple((m.name, m.config) for m in handle.methods))  # fmt: skip
+        bufs = fastpath.take(model, key)
+        if bufs is None:
+            fastpath.release(model)  # free the old step before allocating this one
+            bufs = fastpath.new_buffers(
+                model, key, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype
+            )
+        decode["reused"] = bufs.runner is not None
+    else:
+        C = L + T
+        fastpath.release(model)  # at most one static cache per model is alive
+        bufs = fastpath.new_buffers(
+            model, None, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype
+        )
+    cache, generated, done = bufs.cache, bufs.generated, bufs.done
+    generated.fill_(pad_id)
+    done.zero_()
     scores = None
 
     # Step 0: the prefill, exactly as the eager loop runs it.
@@ -677,15 +702,17 @@ def _static_loop(
         done |= torch.isin(nxt, eos_t)
     steps = 1
     if T == 1 or (eos_t is not None and finished.update(done)):
-        return generated[:, :steps], scores[:, :steps] if scores is not None else None
+        if reuse:
+            fastpath.keep(model, bufs)
+        return generated[:, :steps].clone(), scores[:, :steps] if scores is not None else None
 
-    # Static buffers of the decode step.
-    ids_in = nxt.repeat(copies)[:, None].clone()
-    pos_in = (position_ids[:, -1:] + 1).clone()
-    step_t = torch.ones((), dtype=torch.long, device=dev)
-    mask_in = torch.ones((R, L + T), dtype=attention_mask.dtype, device=dev)
+    # The decode step's inputs, in the step's buffers.
+    ids_in, pos_in, step_t, mask_in = bufs.ids_in, bufs.pos_in, bufs.step, bufs.mask_in
+    ids_in.copy_(nxt.repeat(copies)[:, None])
+    pos_in.copy_(position_ids[:, -1:] + 1)
+    step_t.fill_(1)
     pad = torch.full((B,), pad_id, dtype=generated.dtype, device=dev)
-    ctrl.enter_static(fastpath.StaticDecode(capacity=L + T, q_pos=pos_in, step=step_t))
+    ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t), into=bufs.maps)
 
     def step_fn():
         o = model(
@@ -708,19 +735,27 @@ def _static_loop(
         pos_in.add_(1)
         step_t.add_(1)
 
-    runner = fastpath.GraphRunner(step_fn, decode["path"], dev, generator)
+    runner = bufs.runner
+    if runner is None:
+        runner = bufs.runner = fastpath.GraphRunner(step_fn, decode["path"], dev, generator)
+    runner.fn = step_fn  # this call's closure (same buffers) for any eager run or capture
+    replays_before, capture_before = runner.replays, runner.capture_s
+    had_graph = runner.graph is not None
     for _ in range(1, T):
         runner()
         steps += 1
         if eos_t is not None and finished.update(done):
             break
-    if runner.graph is not None:
+    replays = runner.replays - replays_before
+    if runner.graph is not None and not had_graph:
         # Python ran the captured step once; the graph ran it `replays` times.
-        ctrl.account_replays(runner.replays - 1)
+        ctrl.account_replays(replays - 1)
     if runner.fallback is not None:
         decode.update(path="static", fallback=runner.fallback)
-    decode.update(capture_s=round(runner.capture_s, 4), replays=runner.replays)
-    return generated[:, :steps], scores[:, :steps] if scores is not None else None
+    decode.update(capture_s=round(runner.capture_s - capture_before, 4), replays=replays)
+    if reuse and runner.fallback is None:
+        fastpath.keep(model, bufs)
+    return generated[:, :steps].clone(), scores[:, :steps] if scores is not None else None
 
 
 def _reorder_rows(handle, cache, index: torch.Tensor, buffers, n: int) -> None:

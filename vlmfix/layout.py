@@ -171,18 +171,28 @@ class Layout:
         positions[:, L : L + n] = positions[:, L - 1 : L] + step if L > 0 else step - 1
         return replace(self, buffers=bufs, length=L + n)
 
-    def as_static(self, capacity: int) -> Layout:
+    def as_static(self, capacity: int, into: tuple | None = None) -> Layout:
         """This map with exactly ``capacity`` columns, for the static decode path
         (:mod:`vlmfix.fastpath`): the columns from :attr:`length` on are ``PAD`` with an
         unreachable position, so neither the label rule nor the position rule lets a query
-        see them until :meth:`write_static` fills them in."""
+        see them until :meth:`write_static` fills them in.
+
+        ``into``: ``(labels, parts, positions, image_start, image_end)`` buffers of exactly
+        ``[B, capacity]`` / ``[B]`` to copy the map into (a reused captured step reads them)."""
         L = self.length
         if capacity < L:
             from vlmfix.errors import StateError
 
             raise StateError(f"a static map of {capacity} columns cannot hold the {L} filled ones")
         bufs = self.buffers
-        if self.capacity < capacity:
+        starts, ends = self.image_start, self.image_end
+        if into is not None:
+            *bufs, starts, ends = into
+            for buf, src in zip(bufs, (self.labels, self.parts, self.positions)):
+                buf[:, :L] = src
+            starts.copy_(self.image_start)
+            ends.copy_(self.image_end)
+        elif self.capacity < capacity:
             bufs = Layout.from_tensors(
                 self.labels, self.parts, self.positions, self.image_start, self.image_end, self.prompt_length,
                 capacity=capacity,
@@ -191,7 +201,9 @@ class Layout:
         labels[:, L:] = Label.PAD
         parts[:, L:] = 0
         positions[:, L:] = UNREACHABLE
-        return replace(self, buffers=(labels, parts, positions), length=capacity, static_base=L)
+        return replace(
+            self, buffers=(labels, parts, positions), length=capacity, static_base=L, image_start=starts, image_end=ends
+        )
 
     def write_static(self, index: torch.Tensor, position: torch.Tensor) -> Layout:
         """Fill column ``static_base + index`` of a static map (``index``: 0-dim long, the

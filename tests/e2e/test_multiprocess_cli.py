@@ -100,7 +100,7 @@ def _launch(work, out, task, world, *extra, **env):
         )
         for r in ranks
     ]
-    return [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
 
 
 def _captions(path: Path) -> list[dict]:

@@ -168,3 +168,28 @@ def test_triton_kernels_inside_the_captured_step(name):
     assert runs["graph"].token_ids == runs["static"].token_ids == runs["eager"].token_ids
     for a, b in zip(runs["static"].scores, runs["graph"].scores):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family_name", ["llava", "llava_next"])
+def test_later_calls_reuse_the_step_and_give_the_eager_tokens(family_name):
+    """Calls of the same row count and capacity bucket reuse the kept step (its graph on
+    CUDA): the prefill writes into the same cache and maps, over what earlier, longer or
+    shorter, prompts left there."""
+    from vlmfix import fastpath
+
+    model, processor = _model(family_name)
+    fastpath.release(model)
+    calls = [(0, PROMPTS[:3]), (1, PROMPTS[1:4]), (2, PROMPTS[2:5]), (3, [PROMPTS[4], PROMPTS[0], PROMPTS[2]])]
+    for methods in (lambda: [], lambda: [vlmfix.VCD()], lambda: [vlmfix.M3ID()]):
+        reused = []
+        for seed, prompts in calls:
+            images = make_images(3, seed=seed)
+            kw = dict(methods=methods(), max_new_tokens=STEPS)
+            eager = vlmfix.generate(model, processor, images, prompts, decode_path="eager", **kw)
+            fast = vlmfix.generate(model, processor, images, prompts, decode_path=FAST, **kw)
+            assert fast.token_ids == eager.token_ids, (seed, prompts)
+            reused.append(fast.decode["reused"])
+        assert reused == [False, True, True, True]
+    # a call whose methods keep per-sequence tensors frees the kept step and keeps none
+    vlmfix.generate(model, processor, make_images(3), PROMPTS[:3], [vlmfix.PAI()], max_new_tokens=3, decode_path=FAST)
+    assert not fastpath.release(model)

@@ -201,6 +201,10 @@ class Method:
 
     #: Why this method cannot run on the static decode path (None: it can).
     fast_path_blocker: str | None = None
+    #: True when the method holds no per-sequence tensors and no telemetry in decode steps
+    #: (e.g. a contrastive combine of the logits alone): then a captured decode step of one
+    #: call serves later calls of the same shapes (see :mod:`vlmfix.fastpath`).
+    graph_reusable: bool = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -46,6 +46,8 @@ class ICD(MethodConfig):
 
 
 class ICDMethod(Method):
+    graph_reusable = True  # stateless combine: a captured step serves later calls
+
     def branches(self) -> tuple[BranchSpec, ...]:
         return (BranchSpec("disturbed_instruction", system=self.config.disturbance),)
 

@@ -46,6 +46,8 @@ class M3ID(MethodConfig):
 
 
 class M3IDMethod(Method):
+    graph_reusable = True  # stateless combine: a captured step serves later calls
+
     def branches(self) -> tuple[BranchSpec, ...]:
         return (BranchSpec("no_image", with_image=False),)
 

@@ -71,6 +71,8 @@ class VCD(MethodConfig):
 
 
 class VCDMethod(Method):
+    graph_reusable = True  # stateless combine: a captured step serves later calls
+
     def branches(self) -> tuple[BranchSpec, ...]:
         cfg = self.config
         return (
