@@ -188,7 +188,7 @@ class Controller:
         """A static decode step: fill this step's column of every token map on the device."""
         st = self.static
         index = st.step - 1  # the token of step s is the (s-1)-th generated key
-        self.layout = self.layout.write_static(index, st.q_pos)
+        self.layout = self.layout.write_static(index, st.q_pos, st.base)
         self.layer_layouts = [(f, lay.write_static(index, st.q_pos)) for f, lay in self.layer_layouts]
 
     def query_positions(self, q_len: int) -> torch.Tensor:

@@ -166,11 +166,14 @@ class StaticDecode:
         q_pos: long ``[R, 1]``, the position of this step's token per row (written by the
             step before the forward).
         step: 0-dim long, the decode step (0 for the first token after the prefill's).
+        base: 0-dim long, the batch map's filled columns at the prefill (``L``), on the
+            device: the graph of a reused step reads it, so each call sets its own.
     """
 
     capacity: int
     q_pos: torch.Tensor
     step: torch.Tensor
+    base: torch.Tensor | None = None
 
 
 class GraphRunner:
@@ -270,6 +273,7 @@ class StepBuffers:
     ids_in: torch.Tensor
     pos_in: torch.Tensor
     step: torch.Tensor
+    base: torch.Tensor
     mask_in: torch.Tensor
     generated: torch.Tensor
     done: torch.Tensor
@@ -324,6 +328,7 @@ def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_d
         ids_in=torch.zeros((R, 1), dtype=id_dtype, device=dev),
         pos_in=torch.zeros((R, 1), dtype=torch.long, device=dev),
         step=torch.ones((), dtype=torch.long, device=dev),
+        base=torch.zeros((), dtype=torch.long, device=dev),
         mask_in=torch.ones((R, C), dtype=mask_dtype, device=dev),
         generated=torch.zeros((B, C), dtype=id_dtype, device=dev),
         done=torch.zeros(B, dtype=torch.bool, device=dev),

@@ -711,8 +711,9 @@ def _static_loop(
     ids_in.copy_(nxt.repeat(copies)[:, None])
     pos_in.copy_(position_ids[:, -1:] + 1)
     step_t.fill_(1)
+    bufs.base.fill_(L)
     pad = torch.full((B,), pad_id, dtype=generated.dtype, device=dev)
-    ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t), into=bufs.maps)
+    ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t, base=bufs.base), into=bufs.maps)
 
     def step_fn():
         o = model(

@@ -205,12 +205,14 @@ class Layout:
             self, buffers=(labels, parts, positions), length=capacity, static_base=L, image_start=starts, image_end=ends
         )
 
-    def write_static(self, index: torch.Tensor, position: torch.Tensor) -> Layout:
+    def write_static(self, index: torch.Tensor, position: torch.Tensor, base: torch.Tensor | None = None) -> Layout:
         """Fill column ``static_base + index`` of a static map (``index``: 0-dim long, the
         generated tokens already in the map) with a generated token at ``position`` (long
         ``[B, 1]``), in place on the device; returns a fresh map object over the same
-        buffers (so masks derived from the labels are recomputed)."""
-        col = (index + self.static_base).view(1)
+        buffers (so masks derived from the labels are recomputed). ``base``: a 0-dim device
+        tensor holding ``static_base`` (a captured step that later calls reuse must not
+        bake the prompt length of the first call into its graph)."""
+        col = (index + (self.static_base if base is None else base)).view(1)
         labels, _, positions = self.buffers
         labels.index_fill_(1, col, int(Label.TEXT))
         positions.index_copy_(1, col, position.to(positions.dtype))
