@@ -661,7 +661,7 @@ def _static_loop(
     reuse = generator is None and not return_scores and fastpath.reusable(handle.methods)
     if reuse:
         C = fastpath.bucket(L + T)
-        key = (R, C, B, rows.branches, str(dev), ctrl.backend, tuple(sorted(eos)), pad_id,
+        key = (decode["path"], R, C, B, rows.branches, str(dev), ctrl.backend, tuple(sorted(eos)), pad_id,
                tuple((m.name, m.config) for m in handle.methods))  # fmt: skip
         bufs = fastpath.take(model, key)
         if bufs is None:
