@@ -277,6 +277,8 @@ class StepBuffers:
     mask_in: torch.Tensor
     generated: torch.Tensor
     done: torch.Tensor
+    pad: torch.Tensor
+    eos: torch.Tensor
     runner: GraphRunner | None = None
 
 
@@ -310,7 +312,9 @@ def release(model) -> bool:
     return True
 
 
-def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_dtype) -> StepBuffers:
+def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_dtype, eos=()) -> StepBuffers:
+    """Fresh buffers of a static decode step (every tensor its graph reads or writes,
+    besides the model's own weights, lives here or in ``cache``)."""
     from vlmfix.layout import Label
 
     maps = (
@@ -332,4 +336,6 @@ def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_d
         mask_in=torch.ones((R, C), dtype=mask_dtype, device=dev),
         generated=torch.zeros((B, C), dtype=id_dtype, device=dev),
         done=torch.zeros(B, dtype=torch.bool, device=dev),
+        pad=torch.zeros(B, dtype=id_dtype, device=dev),
+        eos=torch.tensor(sorted(eos), dtype=torch.long, device=dev),
     )

@@ -667,14 +667,14 @@ def _static_loop(
         if bufs is None:
             fastpath.release(model)  # free the old step before allocating this one
             bufs = fastpath.new_buffers(
-                model, key, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype
+                model, key, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype, eos
             )
         decode["reused"] = bufs.runner is not None
     else:
         C = L + T
         fastpath.release(model)  # at most one static cache per model is alive
         bufs = fastpath.new_buffers(
-            model, None, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype
+            model, None, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype, eos
         )
     cache, generated, done = bufs.cache, bufs.generated, bufs.done
     generated.fill_(pad_id)
@@ -712,7 +712,8 @@ def _static_loop(
     pos_in.copy_(position_ids[:, -1:] + 1)
     step_t.fill_(1)
     bufs.base.fill_(L)
-    pad = torch.full((B,), pad_id, dtype=generated.dtype, device=dev)
+    pad, eos_t = bufs.pad, bufs.eos if eos_t is not None else None
+    pad.fill_(pad_id)
     ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t, base=bufs.base), into=bufs.maps)
 
     def step_fn():
@@ -739,7 +740,10 @@ def _static_loop(
     runner = bufs.runner
     if runner is None:
         runner = bufs.runner = fastpath.GraphRunner(step_fn, decode["path"], dev, generator)
-    runner.fn = step_fn  # this call's closure (same buffers) for any eager run or capture
+    if runner.graph is None:
+        # this call's closure (same buffers) for any eager run or capture; a captured
+        # graph keeps the closure it was captured from, and with it every tensor it reads
+        runner.fn = step_fn
     replays_before, capture_before = runner.replays, runner.capture_s
     had_graph = runner.graph is not None
     for _ in range(1, T):
