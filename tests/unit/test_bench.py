@@ -109,7 +109,9 @@ def test_shipped_suites():
     decode = load_suite(None)  # the default
     assert decode.name == "decode" and decode.models == ("llava-1.5-7b",)
     assert decode.batch_sizes == (1, 8, 32)
-    assert [v.name for v in decode.variants] == ["stock", "stock_static", "plain", "var", "pai", "paint", "vhr", "vcd"]
+    assert [v.name for v in decode.variants] == [
+        "stock", "stock_static", "plain", "plain-eager", "var", "pai", "paint", "vhr", "vcd"
+    ]
     assert all(v.decode_path == "auto" for v in decode.variants if v.kind == "vlmfix")
     assert "stock_static" in decode.text  # the suite text is kept for the record
     tiny = load_suite("tiny")
