@@ -55,7 +55,8 @@ def default_model() -> str:
 
 def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, max_new_tokens: int = 64) -> None:
     """Add ``--model --dtype --device --device-map --method --method-config --seed
-    --batch-size --max-new-tokens --do-sample --temperature --top-p --top-k --backend``."""
+    --batch-size --max-new-tokens --do-sample --temperature --top-p --top-k --backend
+    --decode-path``."""
     g = parser.add_argument_group("model and decoding")
     g.add_argument(
         "--model",
@@ -108,6 +109,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 8, m
         choices=["auto", "reference", "triton"],
         help="attention backend: auto ($VLMFIX_BACKEND if set, else triton on CUDA, reference elsewhere), "
         "reference (pure torch) or triton (fused kernels)",
+    )
+    g.add_argument(
+        "--decode-path",
+        default="auto",
+        choices=["auto", "eager", "static", "graph"],
+        help="decode steps: auto (a CUDA graph of the step on CUDA, eager elsewhere), graph, static "
+        "(the same step uncaptured) or eager (the off switch); all give the same tokens",
     )
 
 
@@ -187,6 +195,9 @@ def check_args(args: argparse.Namespace) -> list:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.backend = resolve_backend(getattr(args, "backend", "auto"), device)
+    from vlmfix.fastpath import resolve_decode_path
+
+    resolve_decode_path(getattr(args, "decode_path", "auto"), device)  # e.g. graph without CUDA
     return build_methods(args)
 
 
@@ -260,6 +271,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
     if getattr(args, "num_beams", 1) != 1:
         kwargs["num_beams"] = args.num_beams
+    if getattr(args, "decode_path", "auto") != "auto":  # recorded only when chosen
+        kwargs["decode_path"] = args.decode_path
     return kwargs
 
 

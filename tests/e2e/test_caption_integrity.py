@@ -227,6 +227,33 @@ def test_user_errors_are_reported_before_the_model_loads(tmp_path, capsys, no_mo
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_decode_path_graph_without_cuda_is_a_clear_error(tmp_path, capsys, no_model):
+    d = _images(tmp_path / "imgs", 1)
+    assert _run(d, "--out", tmp_path / "c.jsonl", "--decode-path", "graph") == 2
+    assert "use decode_path='static'" in capsys.readouterr().err
+
+
+def test_decode_path_reaches_generate_and_the_record(tmp_path, monkeypatch):
+    import json
+
+    import vlmfix.generation
+
+    seen, original = [], vlmfix.generation.generate
+
+    def spy(*a, **k):  # caption imports generate from vlmfix.generation at call time
+        seen.append(k.get("decode_path"))
+        return original(*a, **k)
+
+    monkeypatch.setattr(vlmfix.generation, "generate", spy)
+    d = _images(tmp_path / "imgs", 1)
+    out = tmp_path / "c.jsonl"
+    assert _run(d, "--out", out, "--decode-path", "static") == 0
+    assert seen == ["static"]
+    header = json.loads(out.read_text().splitlines()[0])
+    assert "static" in json.dumps(header)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys, no_model):
     d = _images(tmp_path / "imgs", 1)
     assert _run(d, "--out", tmp_path / "c.jsonl", "--device", "cuda") == 2
