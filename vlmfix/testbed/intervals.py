@@ -124,7 +124,10 @@ _MECHANISM = {
 
 
 def reading(rows: list[dict[str, Any]]) -> str:
-    """One line per (variant, method): which paired differences vs baseline are real."""
+    """One line per (variant, method): which paired differences vs its reference are real
+    (the baseline; for beam rows the baseline of the same beam width, named in the line)."""
+    from vlmfix.testbed.results import row_label
+
     lines = []
     for r in rows:
         vs = r.get("vs_baseline")
@@ -135,5 +138,7 @@ def reading(rows: list[dict[str, Any]]) -> str:
         text = "; ".join(good) if good else "no difference outside the paired 95% interval"
         if bad:
             text += f"; worse: {', '.join(bad)}"
-        lines.append(f"- `{r['variant']}` / `{r['method']}`: {text}.")
+        ref = r.get("vs_reference", "baseline")
+        against = "" if ref == "baseline" else f" (vs `{row_label({'method': ref})}`)"
+        lines.append(f"- `{r['variant']}` / `{row_label(r)}`{against}: {text}.")
     return "\n".join(lines)

@@ -25,7 +25,11 @@ training never used:
   prior partner B absent), how often the caption names B, and where: after the word
   for A, before it, or with A not named.
 
-Everything goes through the public API (``vlmfix.load``, ``vlmfix.generate``), greedy.
+Everything goes through the public API (``vlmfix.load``, ``vlmfix.generate``), greedy
+unless a row asks for beam search: ``ROW@beamN`` (e.g. ``baseline@beam5``, ``helpd@beam5``)
+decodes both the POPE answers and the captions with ``num_beams=N``. A beam row is
+labelled "baseline (beam 5)" in the table and compared with the baseline of the same
+decoding (``baseline@beam5``; the beam baseline itself with the greedy baseline).
 """
 
 from __future__ import annotations
@@ -120,6 +124,46 @@ def parse_method_spec(spec: str) -> list:
     return configs
 
 
+_BEAM_SUFFIX = re.compile(r"@beam(\d+)$")
+
+
+def parse_row_spec(spec: str) -> tuple[str, int]:
+    """``"vcd"`` -> ``("vcd", 1)`` (greedy); ``"vcd@beam5"`` -> ``("vcd", 5)`` (beam search).
+
+    The ``@beamN`` suffix applies to the whole row, composed methods included
+    (``"pai+vcd@beam5"``).
+
+    Raises:
+        ConfigError: an ``@`` suffix other than ``@beamN`` with ``N >= 2``.
+    """
+    method, at, suffix = spec.rpartition("@")
+    if not at:
+        return spec, 1
+    match = _BEAM_SUFFIX.fullmatch("@" + suffix)
+    if not method or match is None or int(match.group(1)) < 2:
+        raise ConfigError(
+            f"row spec {spec!r}: the decoding suffix must be @beamN with N >= 2 (e.g. {method or 'baseline'}@beam5); "
+            "leave it out for greedy decoding"
+        )
+    return method, int(match.group(1))
+
+
+def reference_spec(spec: str) -> str | None:
+    """The row a method row is compared with: the baseline of the same decoding
+    (``"helpd@beam5"`` -> ``"baseline@beam5"``), and for a beam baseline the greedy one
+    (``"baseline@beam5"`` -> ``"baseline"``); ``None`` for the greedy baseline."""
+    method, beams = parse_row_spec(spec)
+    if method.strip() == "baseline":
+        return None if beams == 1 else "baseline"
+    return "baseline" if beams == 1 else f"baseline@beam{beams}"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The method cell of a row: its spec, with beam search spelled out ("baseline (beam 5)")."""
+    method, beams = parse_row_spec(row["method"])
+    return f"{method} (beam {beams})" if beams > 1 else method
+
+
 def _write_splits(root: Path, n: int, seed: int) -> dict[str, dict[str, Path]]:
     from vlmfix.testbed import scenes
 
@@ -137,7 +181,13 @@ def evaluate(
     batch_size: int = 64,
     device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate methods (default settings) on one variant; returns one row per method."""
+    """Evaluate methods (default settings) on one variant; returns one row per method.
+
+    ``method_names`` are row specs (:func:`parse_row_spec`): a method spec, optionally with
+    ``@beamN`` for beam search (POPE answers and captions alike). Every row records its
+    ``num_beams``; a row whose reference (:func:`reference_spec`) ran in the same call gets
+    ``vs_baseline``, its paired differences from that reference, and ``vs_reference``.
+    """
     import vlmfix
     from vlmfix.eval.chair import image_samples, load_ground_truth, run_chair
     from vlmfix.eval.pope import build_questions, load_coco_objects, run_pope
@@ -155,13 +205,19 @@ def evaluate(
     rows = []
     units: dict[str, dict[str, tuple]] = {}  # method -> source -> (image ids, counts, metric_fn)
     for name in method_names:
-        configs = parse_method_spec(name)
+        method_spec, num_beams = parse_row_spec(name)
+        configs = parse_method_spec(method_spec)
         t0 = time.perf_counter()
 
-        def generate_fn(images, prompts, _configs=configs, max_new_tokens=24):
-            return vlmfix.generate(model, processor, images, prompts, _configs, max_new_tokens=max_new_tokens).texts
+        def generate_fn(images, prompts, _configs=configs, max_new_tokens=24, _beams=num_beams):
+            return vlmfix.generate(
+                model, processor, images, prompts, _configs, max_new_tokens=max_new_tokens, num_beams=_beams
+            ).texts
 
-        row: dict[str, Any] = {"variant": variant, "method": name, "ci": {}}
+        run_info = {"model_id": f"testbed:{variant}", "methods": [c.to_dict() for c in configs]}
+        if num_beams > 1:  # as the CLI records it: only when beam search is on
+            run_info["generation"] = {"num_beams": num_beams}
+        row: dict[str, Any] = {"variant": variant, "method": name, "num_beams": num_beams, "ci": {}}
         units[name] = {}
         for split_name, qs in questions.items():
             kind = "natural" if split_name == "random" else "adversarial"
@@ -172,7 +228,7 @@ def evaluate(
                 lambda im, pr: generate_fn(im, pr, max_new_tokens=4),
                 template="plain",
                 batch_size=batch_size,
-                run_info={"model_id": f"testbed:{variant}", "methods": [c.to_dict() for c in configs]},
+                run_info=run_info,
             )
             m = res["splits"][split_name]
             row[f"pope_{split_name}_acc"] = m["accuracy"]
@@ -185,7 +241,7 @@ def evaluate(
             gt = load_ground_truth(splits[kind]["instances"])
             samples = image_samples(splits[kind]["images"], gt, n=None, prompt=CAPTION_PROMPT)
             out = work / variant / name / f"chair_{kind}"
-            res = run_chair(samples, gt, out, generate_fn, batch_size=batch_size)
+            res = run_chair(samples, gt, out, generate_fn, batch_size=batch_size, run_info=run_info)
             metrics = res["metrics"]
             row[f"chair_s_{kind}"] = metrics["CHAIR_s"]
             row[f"chair_i_{kind}"] = metrics["CHAIR_i"]
@@ -206,10 +262,11 @@ def evaluate(
         row["seconds"] = round(time.perf_counter() - t0, 1)
         logger.info("%s / %s done in %.1fs", variant, name, row["seconds"])
         rows.append(row)
-    if "baseline" in units:
-        for row in rows:
-            if row["method"] != "baseline":
-                row["vs_baseline"] = intervals.paired_vs_baseline(units["baseline"], units[row["method"]])
+    for row in rows:
+        ref = reference_spec(row["method"])
+        if ref in units:
+            row["vs_baseline"] = intervals.paired_vs_baseline(units[ref], units[row["method"]])
+            row["vs_reference"] = ref
     return rows
 
 
@@ -228,7 +285,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['method']} | {_c(r, 'pope_random_acc')} | {_c(r, 'pope_random_f1')} | "
+            f"| {r['variant']} | {row_label(r)} | {_c(r, 'pope_random_acc')} | {_c(r, 'pope_random_f1')} | "
             f"{_c(r, 'pope_adversarial_acc')} | {_c(r, 'pope_adversarial_f1')} | {_c(r, 'chair_s_natural')} | "
             f"{_c(r, 'chair_i_natural')} | {_c(r, 'chair_s_adversarial')} | {_c(r, 'chair_i_adversarial')} | "
             f"{_c(r, 'recall_adversarial')} | {_c(r, 'partner_rate')} | {_fmt(r['partner_after_a'])} | "
@@ -254,7 +311,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ):
         for j, m in enumerate(methods):
             vals = [next((r[key] for r in rows if r["variant"] == v and r["method"] == m), 0.0) for v in variants]
-            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=m, color=colours(j % 20))
+            label = row_label({"method": m})
+            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=label, color=colours(j % 20))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
         ax.set_title(title)
         ax.set_ylim(0, 1)
@@ -287,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="method specs (NAME, NAME:KEY=VAL,..., A+B to compose); default: every registered method",
+        help="row specs (NAME, NAME:KEY=VAL,..., A+B to compose; @beamN for beam search, e.g. baseline@beam5); "
+        "default: every registered method, greedy",
     )
     parser.add_argument("--append", action="store_true", help="add rows to an existing rows.json instead of replacing")
     parser.add_argument("--from-rows", action="store_true", help="only rebuild the table and plot from rows.json")
@@ -319,7 +378,7 @@ def _run(args: argparse.Namespace) -> int:
     variants = args.variants or testbed.available_variants()
     methods = args.methods or vlmfix.methods.available()
     for spec in methods:
-        parse_method_spec(spec)  # every spec checked before hours of evaluation
+        parse_method_spec(parse_row_spec(spec)[0])  # every spec checked before hours of evaluation
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -339,8 +398,14 @@ def _run(args: argparse.Namespace) -> int:
         old_rows = json.loads((out / "rows.json").read_text())
         rows = [r for r in old_rows if (r["variant"], r["method"]) not in new_keys] + rows
         order = {v: i for i, v in enumerate(testbed.VARIANTS)}
-        rows.sort(
-            key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["method"] != "baseline", r["method"])
+        rows.sort(  # per variant: greedy rows, then each beam width; the baseline first in each
+            key=lambda r: (
+                order.get(r["variant"], len(order)),
+                r["variant"],
+                r.get("num_beams", 1),
+                parse_row_spec(r["method"])[0] != "baseline",
+                r["method"],
+            )
         )
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / "results.png")
