@@ -305,13 +305,13 @@ def caption_files(
 
     ctx = ctx or DistContext()
     out_path = Path(out_path)
-    check_fresh_output(out_path, resume)
     settings = {"prompt": prompt, **(settings or {})}
     wanted = {resolved(f) for f in files}
     retried = 0
 
-    def prepare() -> None:  # one process, before any rank reads the file
+    def prepare() -> None:  # one process, before any rank reads the file (or writes a part)
         nonlocal retried
+        check_fresh_output(out_path, resume)
         _fold_leftovers(out_path, files)
         if resume and repair_jsonl(out_path):
             logger.warning("%s: removed a partial last line left by an interrupted run", out_path)

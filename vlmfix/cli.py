@@ -62,7 +62,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     # A second run on the same file is refused here, not by timing; the ranks of one
     # launch share the output, so only rank 0 locks it (each rank locks its part file).
     with OutputLock(out) if ctx.is_main else contextlib.nullcontext():
-        check_fresh_output(out, args.resume)
+        if ctx.is_main:  # other ranks would see this launch's part files
+            check_fresh_output(out, args.resume)
         name = args.model or default_model()
         model, processor = load_from_args(args, name)
         meta = run_metadata(name, methods, args.seed, device=placement(model))

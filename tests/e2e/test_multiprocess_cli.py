@@ -73,7 +73,7 @@ def _env(rank=None, world=None, **extra):
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", VLMFIX_SHARD_TIMEOUT="120")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FAIL_RANK"):
         env.pop(name, None)
     if world is not None:
@@ -94,13 +94,20 @@ def _launch(work, out, task, world, *extra, **env):
         *extra,
     ]
     ranks = [None] if world is None else range(world)
-    procs = [
-        subprocess.Popen(
-            args, cwd=work, env=_env(r, world, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for r in ranks
-    ]
-    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    logs = [out.parent / f"{out.name}.{task}.rank{r}.stderr" for r in ranks]  # files: a full pipe cannot block a rank
+    procs = []
+    for r, log in zip(ranks, logs):
+        with open(log, "w") as fh:
+            procs.append(
+                subprocess.Popen(args, cwd=work, env=_env(r, world, **env), stdout=subprocess.DEVNULL, stderr=fh)
+            )
+    try:
+        return [(p.wait(timeout=600), log.read_text()) for p, log in zip(procs, logs)]
+    finally:
+        for p in procs:  # a rank left waiting must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _captions(path: Path) -> list[dict]:

@@ -4,12 +4,15 @@ a failed rank, and part files of earlier vlmfix versions."""
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 
 from PIL import Image
 
 from vlmfix.errors import ShardError
 from vlmfix.eval.runner import Sample, add_telemetry, run_samples
+from vlmfix.io import read_jsonl
 from vlmfix.shard import DistContext, part_files
 
 
@@ -55,11 +58,17 @@ def _launch(samples, out, world, models, **kw):
         except BaseException as exc:  # collected for the test
             results[rank] = exc
 
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    # Threads share one process start time, so a start file left by the previous launch
+    # would look fresh to them (processes started later reject it): pin this launch's id.
+    os.environ["VLMFIX_RUN_ID"] = uuid.uuid4().hex
+    try:
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        del os.environ["VLMFIX_RUN_ID"]
     return results
 
 
@@ -109,3 +118,48 @@ def test_a_single_process_folds_in_part_files_of_any_launch(tmp_path):
     assert sorted(model.calls) == [f"question {i}" for i in (3, 5)]  # q4 is the missing image
     assert (out / "samples.jsonl").read_text().splitlines() == ref
     assert sorted(p.name for p in out.iterdir()) == ["samples.jsonl"]
+
+
+def test_caption_ranks_started_late_do_not_take_this_launchs_parts_for_leftovers(tmp_path, monkeypatch):
+    """A rank that reaches the output after rank 0 has started writing its part file must
+    not refuse the run as 'interrupted' (the check belongs to rank 0, before the start)."""
+    import time
+
+    import vlmfix.generation
+    from vlmfix.caption import caption_files
+    from vlmfix.generation import GenerationOutput
+
+    def fake_generate(model, processor, images, prompts, methods, **kw):
+        return GenerationOutput(texts=[f"{im.size}" for im in images], token_ids=[[1, 2]] * len(images))
+
+    monkeypatch.setattr(vlmfix.generation, "generate", fake_generate)
+    monkeypatch.setenv("VLMFIX_SHARD_TIMEOUT", "10")
+    _samples(tmp_path / "img", n=6)
+    files = sorted((tmp_path / "img").glob("*.png"))
+    out = tmp_path / "captions.jsonl"
+    results: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        if r == 1:  # arrives once rank 0 is writing its part
+            deadline = time.monotonic() + 20
+            while not (tmp_path / "captions.jsonl.rank0-of-2.part.jsonl").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        try:
+            results[r] = caption_files(
+                None, None, files, out, prompt="p", methods=[], metadata={}, batch_size=1,
+                progress=False, ctx=DistContext(r, 2),
+            )  # fmt: skip
+        except BaseException as exc:  # collected for the test
+            results[r] = exc
+
+    os.environ["VLMFIX_RUN_ID"] = uuid.uuid4().hex
+    try:
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        del os.environ["VLMFIX_RUN_ID"]
+    assert results[0] == {"done": 5, "errors": 0, "skipped": 0, "retried": 0}, results
+    assert [r["path"] for r in read_jsonl(out)] == [str(f) for f in files]
