@@ -339,7 +339,12 @@ def generate(
         handle.controller.rows = rows
         handle.controller.decode_capacity = max_new_tokens
         decode = {
-            "requested": decode_path, "path": path, "fallback": None, "capture_s": 0.0, "replays": 0, "reused": False
+            "requested": decode_path,
+            "path": path,
+            "fallback": None,
+            "capture_s": 0.0,
+            "replays": 0,
+            "reused": False,
         }
         if path != "eager" and max_new_tokens == 1:
             decode.update(path="eager", fallback="max_new_tokens=1: no decode step to run")
@@ -444,6 +449,25 @@ def _embeds_hook(rows: RowMap, edits: list[tuple[int, BranchSpec]], prompt_lengt
     return hook
 
 
+@dataclass
+class _Run:
+    """What both decoding loops share: the model, the prepared rows and the policy."""
+
+    model: Any
+    handle: Any
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    extra: dict[str, Any]
+    rows: RowMap
+    max_new_tokens: int
+    eos: set[int]
+    pad_id: int
+    return_scores: bool
+    pick: Any
+    apply_methods: Any
+
+
 def _decode_loop(
     model,
     handle,
@@ -512,7 +536,7 @@ def _decode_loop(
             logits = m.process_logits(step, logits)
         return logits
 
-    state = dict(
+    run = _Run(
         model=model,
         handle=handle,
         input_ids=input_ids,
@@ -529,34 +553,26 @@ def _decode_loop(
     )
     try:
         if decode is not None and decode["path"] != "eager":
-            return _static_loop(**state, decode=decode, generator=generator)
-        return _eager_loop(**state, use_cache=use_cache, beam=beam)
+            return _static_loop(run, decode=decode, generator=generator)
+        return _eager_loop(run, use_cache=use_cache, beam=beam)
     finally:
         if hook is not None:
             hook.remove()
 
 
-def _eager_loop(
-    *,
-    model,
-    handle,
-    input_ids,
-    attention_mask,
-    position_ids,
-    extra,
-    rows,
-    max_new_tokens,
-    eos,
-    pad_id,
-    return_scores,
-    pick,
-    apply_methods,
-    use_cache,
-    beam,
-):
+def _eager_loop(run: _Run, *, use_cache, beam):
     """One Python step per token on a growing ``DynamicCache`` (or none)."""
     from transformers import DynamicCache
 
+    model, handle, input_ids, attention_mask, position_ids = (
+        run.model,
+        run.handle,
+        run.input_ids,
+        run.attention_mask,
+        run.position_ids,
+    )
+    rows, max_new_tokens, eos, pad_id, pick = run.rows, run.max_new_tokens, run.eos, run.pad_id, run.pick
+    extra, return_scores, apply_methods = run.extra, run.return_scores, run.apply_methods
     B, copies = rows.num_samples, 1 + len(rows.branches)
     cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
     cache_kw = _compat.cache_kwarg(model)
@@ -626,31 +642,23 @@ def _eager_loop(
     return tokens, scores
 
 
-def _static_loop(
-    *,
-    model,
-    handle,
-    input_ids,
-    attention_mask,
-    position_ids,
-    extra,
-    rows,
-    max_new_tokens,
-    eos,
-    pad_id,
-    return_scores,
-    pick,
-    apply_methods,
-    decode,
-    generator,
-):
+def _static_loop(run: _Run, *, decode, generator):
     """The fast path (:mod:`vlmfix.fastpath`): the prefill as on the eager path, into a
     static cache; then one step function of device buffers, replayed as a CUDA graph."""
     from vlmfix import fastpath
 
+    model, handle, input_ids, attention_mask, position_ids = (
+        run.model,
+        run.handle,
+        run.input_ids,
+        run.attention_mask,
+        run.position_ids,
+    )
+    rows, eos, pad_id, pick = run.rows, run.eos, run.pad_id, run.pick
+    extra, return_scores, apply_methods = run.extra, run.return_scores, run.apply_methods
     B, copies = rows.num_samples, 1 + len(rows.branches)
     R, L = input_ids.shape
-    T = max_new_tokens
+    T = run.max_new_tokens
     dev = input_ids.device
     ctrl = handle.controller
     cache_kw = _compat.cache_kwarg(model)

@@ -136,7 +136,9 @@ def test_a_blocking_method_decodes_eagerly(monkeypatch):
 
     monkeypatch.setattr(PAIRuntime, "fast_path_blocker", "keeps per-step Python state", raising=False)
     model, processor = _model("llava")
-    out = vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], [vlmfix.PAI()], max_new_tokens=2, decode_path=FAST)
+    out = vlmfix.generate(
+        model, processor, make_images(1), PROMPTS[:1], [vlmfix.PAI()], max_new_tokens=2, decode_path=FAST
+    )
     assert out.decode["path"] == "eager" and out.decode["fallback"] == "pai: keeps per-step Python state"
 
 
@@ -163,7 +165,9 @@ def test_triton_kernels_inside_the_captured_step(name):
     model = model.to(DEVICE)
     images, prompts = make_images(3), PROMPTS[:3]
     kw = dict(methods=[_config(name)], max_new_tokens=STEPS, return_scores=True, backend="triton")
-    runs = {p: vlmfix.generate(model, processor, images, prompts, decode_path=p, **kw) for p in ("eager", "static", "graph")}
+    runs = {
+        p: vlmfix.generate(model, processor, images, prompts, decode_path=p, **kw) for p in ("eager", "static", "graph")
+    }
     assert runs["graph"].decode["path"] == "graph" and runs["graph"].decode["fallback"] is None
     assert runs["graph"].token_ids == runs["static"].token_ids == runs["eager"].token_ids
     for a, b in zip(runs["static"].scores, runs["graph"].scores):
