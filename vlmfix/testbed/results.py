@@ -302,22 +302,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     width = 0.8 / len(methods)
-    colours = plt.get_cmap("tab20")
+    # 40 distinct colours before any repeats; beam-search rows are hatched
+    colours = [plt.get_cmap(name)(k) for name in ("tab20", "tab20b") for k in range(20)]
     for ax, key, title in (
         (axes[0], "partner_rate", "partner hallucination rate (adversarial captions)"),
         (axes[1], "pope_adversarial_acc", "POPE adversarial accuracy"),
     ):
         for j, m in enumerate(methods):
             vals = [next((r[key] for r in rows if r["variant"] == v and r["method"] == m), 0.0) for v in variants]
-            label = row_label({"method": m})
-            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=label, color=colours(j % 20))
+            ax.bar(
+                [i + j * width for i in range(len(variants))], vals, width, label=row_label({"method": m}),
+                color=colours[j % len(colours)], hatch="///" if parse_row_spec(m)[1] > 1 else None,
+            )  # fmt: skip
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
         ax.set_title(title)
         ax.set_ylim(0, 1)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=min(len(methods), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(methods) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
