@@ -18,6 +18,7 @@ from conftest import FAMILIES, PROMPTS, make_images, tiny
 from transformers import DynamicCache
 
 import vlmfix
+from vlmfix import _compat
 from vlmfix.attachment import _attn_snapshot, active_handle
 from vlmfix.errors import ConfigError
 from vlmfix.generation import sample_next
@@ -54,7 +55,8 @@ class _Stream:
 
     def forward(self):
         """The step's output (``logits``, ``hidden_states`` of every layer)."""
-        kw = dict(attention_mask=self.mask, past_key_values=self.cache, use_cache=self.use_cache)
+        kw = dict(attention_mask=self.mask, use_cache=self.use_cache)
+        kw[_compat.cache_kwarg(self.model)] = self.cache  # `cache` from 5.24 on
         if self.step == 0 or not self.use_cache:
             extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
             out = self.model(input_ids=self.ids, position_ids=self.pos, output_hidden_states=True, **kw, **extra)
