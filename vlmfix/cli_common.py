@@ -305,15 +305,25 @@ def model_settings(args: argparse.Namespace, model, methods: list, name: str) ->
 
 
 def git_hash() -> str | None:
-    """The git commit of the vlmfix source tree, if it is a checkout."""
+    """The git commit of the vlmfix source tree, if it is a checkout; ``-dirty`` is
+    appended when tracked files differ from that commit (the record then says the code
+    that ran was not exactly the commit)."""
     root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if not head:
         return None
-    return out.stdout.strip() or None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return f"{head}-dirty" if changes else head
 
 
 def versions() -> dict[str, str]:
