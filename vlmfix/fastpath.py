@@ -312,9 +312,10 @@ def release(model) -> bool:
     return True
 
 
-def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_dtype, eos=()) -> StepBuffers:
-    """Fresh buffers of a static decode step (every tensor its graph reads or writes,
-    besides the model's own weights, lives here or in ``cache``)."""
+def new_buffers(model, key, R: int, C: int, B: int, dev, id_dtype, mask_dtype, eos=()) -> StepBuffers:
+    """A fresh static cache of capacity ``C`` and the buffers of a static decode step
+    (every tensor its graph reads or writes, besides the model's own weights, lives here).
+    """
     from vlmfix.layout import Label
 
     maps = (
@@ -327,7 +328,7 @@ def new_buffers(model, key, cache, R: int, C: int, B: int, dev, id_dtype, mask_d
     return StepBuffers(
         key=key,
         fingerprint=_fingerprint(model),
-        cache=cache,
+        cache=static_cache(model, C),
         maps=maps,
         ids_in=torch.zeros((R, 1), dtype=id_dtype, device=dev),
         pos_in=torch.zeros((R, 1), dtype=torch.long, device=dev),

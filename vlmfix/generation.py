@@ -564,60 +564,51 @@ def _eager_loop(run: _Run, *, use_cache, beam):
     """One Python step per token on a growing ``DynamicCache`` (or none)."""
     from transformers import DynamicCache
 
-    model, handle, input_ids, attention_mask, position_ids = (
-        run.model,
-        run.handle,
-        run.input_ids,
-        run.attention_mask,
-        run.position_ids,
-    )
-    rows, max_new_tokens, eos, pad_id, pick = run.rows, run.max_new_tokens, run.eos, run.pad_id, run.pick
-    extra, return_scores, apply_methods = run.extra, run.return_scores, run.apply_methods
-    B, copies = rows.num_samples, 1 + len(rows.branches)
-    cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
-    cache_kw = _compat.cache_kwarg(model)
-    R, L = input_ids.shape
-    dev = input_ids.device
+    B, copies = run.rows.num_samples, 1 + len(run.rows.branches)
+    cache = DynamicCache(config=run.model.config.get_text_config()) if use_cache else None
+    cache_kw = _compat.cache_kwarg(run.model)
+    R, L = run.input_ids.shape
+    dev = run.input_ids.device
     # Preallocated sequence buffers: a step writes one column, nothing grows.
-    seq_ids = torch.full((R, L + max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)
-    seq_mask = torch.ones((R, L + max_new_tokens), dtype=attention_mask.dtype, device=dev)
-    seq_pos = torch.zeros((R, L + max_new_tokens), dtype=position_ids.dtype, device=dev)
-    seq_ids[:, :L], seq_mask[:, :L], seq_pos[:, :L] = input_ids, attention_mask, position_ids
-    generated = torch.full((B, max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)
+    seq_ids = torch.full((R, L + run.max_new_tokens), run.pad_id, dtype=run.input_ids.dtype, device=dev)
+    seq_mask = torch.ones((R, L + run.max_new_tokens), dtype=run.attention_mask.dtype, device=dev)
+    seq_pos = torch.zeros((R, L + run.max_new_tokens), dtype=run.position_ids.dtype, device=dev)
+    seq_ids[:, :L], seq_mask[:, :L], seq_pos[:, :L] = run.input_ids, run.attention_mask, run.position_ids
+    generated = torch.full((B, run.max_new_tokens), run.pad_id, dtype=run.input_ids.dtype, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    eos_t = torch.tensor(sorted(run.eos), device=dev) if run.eos else None
     finished = _AllDone(dev)
     all_scores = []
     steps = 0
-    for step in range(max_new_tokens):
+    for step in range(run.max_new_tokens):
         n = L + step  # sequence length before this step's token
         kwargs = dict(attention_mask=seq_mask[:, :n], use_cache=use_cache, logits_to_keep=1)
         kwargs[cache_kw] = cache
         if step == 0 or not use_cache:
-            kwargs.update(extra)
-            out = model(input_ids=seq_ids[:, :n], position_ids=seq_pos[:, :n], **kwargs)
+            kwargs.update(run.extra)
+            out = run.model(input_ids=seq_ids[:, :n], position_ids=seq_pos[:, :n], **kwargs)
         else:
-            out = model(input_ids=seq_ids[:, n - 1 : n], position_ids=seq_pos[:, n - 1 : n], **kwargs)
-        logits = apply_methods(step, out.logits[:, -1, :].float())
-        if return_scores:
+            out = run.model(input_ids=seq_ids[:, n - 1 : n], position_ids=seq_pos[:, n - 1 : n], **kwargs)
+        logits = run.apply_methods(step, out.logits[:, -1, :].float())
+        if run.return_scores:
             all_scores.append(logits)
         if beam is not None:
             penalty = None
-            for m in handle.methods:
+            for m in run.handle.methods:
                 p = m.beam_penalty(step)
                 if p is not None:
                     penalty = p if penalty is None else penalty + p
             nxt, source = beam.step(step, logits, penalty)
             index = (source[None, :] + torch.arange(copies, device=dev)[:, None] * B).reshape(-1)
-            _reorder_rows(handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
+            _reorder_rows(run.handle, cache, index, (seq_ids, seq_mask, seq_pos), n)
             seq_ids[:, n] = nxt.repeat(copies)
             seq_pos[:, n] = seq_pos[:, n - 1] + 1
             steps = step + 1
             if finished.update(beam.stopped):
                 break
             continue
-        nxt = pick(logits)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        nxt = run.pick(logits)
+        nxt = torch.where(done, torch.full_like(nxt, run.pad_id), nxt)
         generated[:, step] = nxt
         steps = step + 1
         if eos_t is not None:
@@ -631,14 +622,14 @@ def _eager_loop(run: _Run, *, use_cache, beam):
     if beam is not None:
         tokens = beam.best()[0][:, :steps]
         scores = None
-        if return_scores:
+        if run.return_scores:
             # the logits row that chose each answer token: beam `path` of sample b at step t
             path = beam.best_path()[:, :steps]  # [S, T]
             per_step = torch.stack(all_scores, dim=1).view(beam.B, beam.n, steps, -1)
             scores = torch.take_along_dim(per_step, path[:, None, :, None], dim=1)[:, 0]
         return tokens, scores
     tokens = generated[:, :steps]
-    scores = torch.stack(all_scores, dim=1) if return_scores else None
+    scores = torch.stack(all_scores, dim=1) if run.return_scores else None
     return tokens, scores
 
 
@@ -647,85 +638,73 @@ def _static_loop(run: _Run, *, decode, generator):
     static cache; then one step function of device buffers, replayed as a CUDA graph."""
     from vlmfix import fastpath
 
-    model, handle, input_ids, attention_mask, position_ids = (
-        run.model,
-        run.handle,
-        run.input_ids,
-        run.attention_mask,
-        run.position_ids,
-    )
-    rows, eos, pad_id, pick = run.rows, run.eos, run.pad_id, run.pick
-    extra, return_scores, apply_methods = run.extra, run.return_scores, run.apply_methods
-    B, copies = rows.num_samples, 1 + len(rows.branches)
-    R, L = input_ids.shape
+    B, copies = run.rows.num_samples, 1 + len(run.rows.branches)
+    R, L = run.input_ids.shape
     T = run.max_new_tokens
-    dev = input_ids.device
-    ctrl = handle.controller
-    cache_kw = _compat.cache_kwarg(model)
-    eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    dev = run.input_ids.device
+    ctrl = run.handle.controller
+    cache_kw = _compat.cache_kwarg(run.model)
+    eos_t = torch.tensor(sorted(run.eos), device=dev) if run.eos else None
     finished = _AllDone(dev)
     # A captured step serves later calls of the same shapes when the methods keep no
     # per-sequence tensors (greedy, no per-step scores: see vlmfix.fastpath).
-    reuse = generator is None and not return_scores and fastpath.reusable(handle.methods)
+    reuse = generator is None and not run.return_scores and fastpath.reusable(run.handle.methods)
     if reuse:
         C = fastpath.bucket(L + T)
-        key = (decode["path"], R, C, B, rows.branches, str(dev), ctrl.backend, tuple(sorted(eos)), pad_id,
-               tuple((m.name, m.config) for m in handle.methods))  # fmt: skip
-        bufs = fastpath.take(model, key)
-        if bufs is None:
-            fastpath.release(model)  # free the old step before allocating this one
-            bufs = fastpath.new_buffers(
-                model, key, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype, eos
-            )
-        decode["reused"] = bufs.runner is not None
+        key = (decode["path"], R, C, B, run.rows.branches, str(dev), ctrl.backend, tuple(sorted(run.eos)), run.pad_id,
+               tuple((m.name, m.config) for m in run.handle.methods))  # fmt: skip
+        bufs = fastpath.take(run.model, key)
     else:
-        C = L + T
-        fastpath.release(model)  # at most one static cache per model is alive
+        C, key, bufs = L + T, None, None
+    if bufs is None:
+        # at most one static cache per model is alive: free the kept one before allocating
+        fastpath.release(run.model)
         bufs = fastpath.new_buffers(
-            model, None, fastpath.static_cache(model, C), R, C, B, dev, input_ids.dtype, attention_mask.dtype, eos
+            run.model, key, R, C, B, dev, run.input_ids.dtype, run.attention_mask.dtype, run.eos
         )
+    decode["reused"] = bufs.runner is not None
     cache, generated, done = bufs.cache, bufs.generated, bufs.done
-    generated.fill_(pad_id)
+    generated.fill_(run.pad_id)
     done.zero_()
     scores = None
 
     # Step 0: the prefill, exactly as the eager loop runs it.
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
+    out = run.model(
+        input_ids=run.input_ids,
+        position_ids=run.position_ids,
+        attention_mask=run.attention_mask,
         use_cache=True,
         logits_to_keep=1,
         **{cache_kw: cache},
-        **extra,
+        **run.extra,
     )
-    logits = apply_methods(0, out.logits[:, -1, :].float())
+    logits = run.apply_methods(0, out.logits[:, -1, :].float())
     del out
-    if return_scores:
+    if run.return_scores:
         scores = torch.zeros((B, T, logits.shape[-1]), dtype=logits.dtype, device=dev)
         scores[:, 0] = logits
-    nxt = pick(logits)
+    nxt = run.pick(logits)
     generated[:, 0] = nxt
     if eos_t is not None:
         done |= torch.isin(nxt, eos_t)
     steps = 1
     if T == 1 or (eos_t is not None and finished.update(done)):
         if reuse:
-            fastpath.keep(model, bufs)
+            fastpath.keep(run.model, bufs)
         return generated[:, :steps].clone(), scores[:, :steps] if scores is not None else None
 
     # The decode step's inputs, in the step's buffers.
     ids_in, pos_in, step_t, mask_in = bufs.ids_in, bufs.pos_in, bufs.step, bufs.mask_in
     ids_in.copy_(nxt.repeat(copies)[:, None])
-    pos_in.copy_(position_ids[:, -1:] + 1)
+    pos_in.copy_(run.position_ids[:, -1:] + 1)
     step_t.fill_(1)
     bufs.base.fill_(L)
     pad, eos_t = bufs.pad, bufs.eos if eos_t is not None else None
-    pad.fill_(pad_id)
+    pad.fill_(run.pad_id)
     ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t, base=bufs.base), into=bufs.maps)
 
     def step_fn():
-        o = model(
+        o = run.model(
             input_ids=ids_in,
             position_ids=pos_in,
             attention_mask=mask_in,
@@ -733,11 +712,11 @@ def _static_loop(run: _Run, *, decode, generator):
             logits_to_keep=1,
             **{cache_kw: cache},
         )
-        lg = apply_methods(step_t, o.logits[:, -1, :].float())
+        lg = run.apply_methods(step_t, o.logits[:, -1, :].float())
         col = step_t.view(1)
         if scores is not None:
             scores.index_copy_(1, col, lg[:, None])
-        tok = torch.where(done, pad, pick(lg))
+        tok = torch.where(done, pad, run.pick(lg))
         generated.index_copy_(1, col, tok[:, None])
         if eos_t is not None:
             done.logical_or_(torch.isin(tok, eos_t))
@@ -767,7 +746,7 @@ def _static_loop(run: _Run, *, decode, generator):
         decode.update(path="static", fallback=runner.fallback)
     decode.update(capture_s=round(runner.capture_s - capture_before, 4), replays=replays)
     if reuse and runner.fallback is None:
-        fastpath.keep(model, bufs)
+        fastpath.keep(run.model, bufs)
     return generated[:, :steps].clone(), scores[:, :steps] if scores is not None else None
 
 
