@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlmfix.cli_common import positive_int
 from vlmfix.errors import ConfigError, DataError, VlmfixError
 from vlmfix.eval.registry import lookup
 
@@ -41,17 +42,6 @@ _CHAIR_DEFAULTS: dict[str, Any] = {
 _INTERRUPT_HINT = (
     "Re-run the same command to continue: the --out folder is resumed (passing --resume as well is fine)."
 )
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--limit``, ``--n``, ``--n-images``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a whole number >= 1")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--template", default=None, help="prompt template: plain | llava (default llava)")
     p.add_argument("--parser", default=None, help="answer parser: pope_official | yes_no_unknown")
-    p.add_argument("--n-images", type=_positive_int, default=None, help="images per built split (default 500)")
+    p.add_argument("--n-images", type=positive_int, default=None, help="images per built split (default 500)")
     _common(p)
     p.set_defaults(func=cmd_pope)
 
@@ -101,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR|FILE",
         help="COCO annotations folder / instances file, or ground-truth JSON {image_id: [category]}",
     )
-    c.add_argument("--n", type=_positive_int, default=None, help="images to caption, seeded sample (default 500)")
+    c.add_argument("--n", type=positive_int, default=None, help="images to caption, seeded sample (default 500)")
     c.add_argument("--image-ids", metavar="FILE", help="caption exactly these image ids (one per line)")
     c.add_argument("--prompt", default=None, help="captioning prompt")
     c.add_argument("--normalizer", default=None, help="lemma (default, WordNet-compatible) | plural")
@@ -150,7 +140,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--config", metavar="YAML", help="task preset: a YAML file or a shipped name (pope_random, chair, ...)"
     )
     p.add_argument(
-        "--limit", type=_positive_int, default=None, help="evaluate only the first N items (per split); not complete"
+        "--limit", type=positive_int, default=None, help="evaluate only the first N items (per split); not complete"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--label", default=None, help="name of this run in reports and comparisons")
