@@ -38,7 +38,7 @@ from vlmfix.beam import BeamSearch
 from vlmfix.branches import BranchSpec, RowMap
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.layout import positions_from_mask
-from vlmfix.loading import input_device
+from vlmfix.loading import devices, input_device
 from vlmfix.methods.base import MethodConfig
 
 __all__ = ["GenerationOutput", "generate", "prepare_inputs", "prepare_rows", "sample_next"]
@@ -350,7 +350,7 @@ def generate(
             decode.update(path="eager", fallback="max_new_tokens=1: no decode step to run")
         if decode["path"] != "eager":
             why = fastpath.blockers(handle.methods, use_cache=use_cache, num_beams=num_beams)
-            if path == "graph" and len({str(p.device) for p in model.parameters()}) > 1:
+            if path == "graph" and len(devices(model)) > 1:
                 # one CUDA graph captures one device's stream: run the static step uncaptured
                 decode.update(path="static", fallback="the model is spread over several devices (device_map)")
             if why:

@@ -75,14 +75,20 @@ def input_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def devices(model) -> set[str]:
+    """Every device the model's layers sit on: its input device, plus those of its
+    ``device_map`` (``"cuda:0"``, ``"cpu"``, ``"disk"`` ...)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()} | {str(input_device(model))}
+
+
 def placement(model) -> str:
     """Where the model runs, as recorded in run metadata: ``"cuda:0"``, or the devices of
     its ``device_map`` (``"cuda:0+cuda:1"``, ``"cuda:0+cpu+disk"``)."""
-    device_map = getattr(model, "hf_device_map", None) or {}
     first = str(input_device(model))
-    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()} | {first}
-    if len(devices) > 1:
-        return "+".join(sorted(devices, key=lambda d: (not d.startswith("cuda"), d != "cpu", d)))
+    found = devices(model)
+    if len(found) > 1:
+        return "+".join(sorted(found, key=lambda d: (not d.startswith("cuda"), d != "cpu", d)))
     return first
 
 
