@@ -193,7 +193,6 @@ class GraphRunner:
         self.replays = 0
         self.capture_s = 0.0
         self.fallback: str | None = None
-        self.on_capture = None  # called after a successful capture (telemetry bookkeeping)
 
     def __call__(self) -> None:
         self.calls += 1
@@ -228,8 +227,6 @@ class GraphRunner:
         torch.cuda.synchronize(self.device)
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
-        if self.on_capture is not None:
-            self.on_capture()
 
 
 # ---------------------------------------------------------------------------- reuse
