@@ -101,7 +101,9 @@ def test_eos_stops_like_the_eager_path():
 
 def test_one_new_token_and_a_single_row():
     model, processor = _model("llava_next")
-    _assert_same(*_pair(model, processor, [vlmfix.PAI()], n=1, max_new_tokens=1))
+    eager, fast = _pair(model, processor, [vlmfix.PAI()], n=1, max_new_tokens=1)
+    _assert_same(eager, fast)
+    assert fast.decode["path"] == "eager" and "max_new_tokens=1" in fast.decode["fallback"]
     _assert_same(*_pair(model, processor, [vlmfix.VCD()], n=1, max_new_tokens=2))
 
 
