@@ -181,6 +181,20 @@ class Controller:
         for m in self.methods:
             m.replayed(n)
 
+    def marked_last_forward(self) -> tuple[str, ...]:
+        """The methods that edited attention in the last forward (host-side)."""
+        return tuple(name for name, index in self._last_marked.items() if index == self.forward_index)
+
+    def account_reused(self, marked, n: int) -> None:
+        """Telemetry of ``n`` replays of a kept decode step that Python never ran in this
+        call: ``marked`` (from the call that captured it) edited attention in each."""
+        if n <= 0:
+            return
+        for name in marked:
+            self.edited_forwards.setdefault(name, {"prefill": 0, "decode": 0})["decode"] += n
+        for m in self.methods:
+            m.replayed(n)
+
     def exit_static(self) -> None:
         self.static = None
 

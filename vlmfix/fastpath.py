@@ -34,11 +34,21 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["DECODE_PATHS", "StaticDecode", "StaticKV", "blockers", "release", "resolve_decode_path", "static_cache"]
+__all__ = [
+    "DECODE_PATHS",
+    "GraphState",
+    "StaticDecode",
+    "StaticKV",
+    "blockers",
+    "release",
+    "resolve_decode_path",
+    "static_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +64,7 @@ def resolve_decode_path(decode_path: str, device) -> str:
     cuda = torch.device(device).type == "cuda"
     if decode_path == "auto":
         return "graph" if cuda else "eager"
-    if decode_path == "graph" and not cuda:
+    if decode_path == "graph" and not cuda and not _EMULATE:
         raise ConfigError(
             f"decode_path='graph' captures CUDA graphs but the model is on {device}; "
             "use decode_path='static' (same step, uncaptured) or 'eager'"
@@ -179,7 +189,8 @@ class StaticDecode:
 class GraphRunner:
     """Runs a step function eagerly once, then captures it and replays it.
 
-    ``mode="graph"`` captures on CUDA; a capture that fails leaves the step running
+    ``mode="graph"`` captures on CUDA (elsewhere, under :func:`vlmfix.testing.emulated_graphs`,
+    into an :class:`EmulatedGraph`); a capture that fails leaves the step running
     uncaptured (:attr:`fallback` says why). ``mode="static"`` never captures.
     """
 
@@ -203,15 +214,28 @@ class GraphRunner:
         if self.mode != "graph" or self.calls == 1 or self.fallback is not None:
             self.fn()
             return
-        self._capture()
+        ran = self._capture()
         if self.graph is not None:
-            self.graph.replay()
+            if not ran:
+                self.graph.replay()
             self.replays += 1
-        else:
+        elif not ran:
             self.fn()
 
-    def _capture(self) -> None:
+    def _capture(self) -> bool:
+        """Capture :attr:`fn`; True when capturing also ran it (the emulated capture)."""
         t0 = time.perf_counter()
+        if self.device.type != "cuda":
+            graph = EmulatedGraph()
+            try:
+                graph.capture(self.fn)
+            except CaptureError as exc:
+                self.fallback = f"graph capture failed ({exc}); decoding uncaptured"
+                logger.warning("vlmfix fast path: %s", self.fallback)
+                return True
+            self.graph = graph
+            self.capture_s = time.perf_counter() - t0
+            return True
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
@@ -223,18 +247,167 @@ class GraphRunner:
             self.fallback = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding uncaptured"
             logger.warning("vlmfix fast path: %s", self.fallback)
             torch.cuda.synchronize(self.device)
-            return
+            return False
         torch.cuda.synchronize(self.device)
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
+        return False
+
+
+# ---------------------------------------------------------------------------- emulation
+# CUDA graphs exist on CUDA only, yet what they demand of the code they capture (no host
+# syncs, device state updated in place, every tensor read still alive and at the same
+# address, Python run once) is what the CPU tests must check. EmulatedGraph gives a step
+# the same semantics on any device: its capture runs the step once and records every aten
+# op with the tensors it read and wrote; a replay runs those ops again, on those tensors,
+# and nothing else. Tests turn it on with vlmfix.testing.emulated_graphs().
+
+_EMULATE = False
+
+
+class CaptureError(RuntimeError):
+    """A step did something a CUDA graph cannot capture."""
+
+
+def _refused(func, args) -> str | None:
+    """Why ``func`` cannot be captured (a host sync or a data-dependent shape), or None."""
+    name = func.name() if hasattr(func, "name") else str(func)
+    base = name.split("::")[-1].split(".")[0]
+    if base in _SYNC_OPS:
+        return f"{name} needs the host (a sync or an output shape that depends on data)"
+    if base in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else ()
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ()):
+            return f"{name} with a boolean mask has an output shape that depends on data"
+    return None
+
+
+_SYNC_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "item",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "equal",
+        "is_nonzero",
+        "bincount",
+        "repeat_interleave",
+        "allclose",
+    }
+)
+
+
+class EmulatedGraph:
+    """CUDA-graph semantics on any device, for tests (see the comment above).
+
+    Like a CUDA graph, a replay repeats only device work: host values stay as they were
+    at capture (Python branches, ints, attributes rebound later), tensors the step
+    allocated are reused in place, and tensors it read from outside must still be alive
+    (a replay that would read a freed one raises, where a real graph would read garbage).
+    An op that needs the host is refused at capture (:class:`CaptureError`).
+    """
+
+    def __init__(self):
+        self.ops: list = []
+
+    def capture(self, fn) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        graph = self
+        made: set[int] = set()
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                why = _refused(func, args)
+                if why is not None:
+                    raise CaptureError(why)
+                out = func(*args, **kwargs)
+                # An output is refreshed at replay unless it really aliases an input: ops
+                # such as ``to`` or ``reshape`` are annotated as aliasing but may copy.
+                held = {t.untyped_storage().data_ptr() for t in _tensors(list(args) + list(kwargs.values()))}
+                fresh = tuple(t.untyped_storage().data_ptr() not in held or t.numel() == 0 for t in _flat(out))
+                if "lift_fresh" in str(func):  # a constant made from host data in the step
+                    graph.ops.append((func, args, kwargs, out, fresh))
+                else:
+                    graph.ops.append((func, _hold(args, made), _hold(kwargs, made), out, fresh))
+                for t in _tensors(out):
+                    made.add(id(t))
+                return out
+
+        with Recorder():
+            fn()
+
+    def replay(self) -> None:
+        for func, args, kwargs, out, fresh in self.ops:
+            new = func(*_resolve(args), **_resolve(kwargs))
+            for o, n, f in zip(_flat(out), _flat(new), fresh):
+                if f:
+                    o.copy_(n)
+
+
+class _Ref:
+    """A weak reference to a tensor the step read from outside (see EmulatedGraph)."""
+
+    __slots__ = ("ref", "what")
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = weakref.ref(t)
+        self.what = f"{tuple(t.shape)} {t.dtype}"
+
+    def get(self) -> torch.Tensor:
+        t = self.ref()
+        if t is None:
+            raise CaptureError(f"a replay reads a tensor {self.what} that was freed after the capture")
+        return t
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _flat(x) -> list[torch.Tensor]:
+    return list(_tensors(x))
+
+
+def _hold(x, made: set[int]):
+    if isinstance(x, torch.Tensor):
+        if id(x) in made or isinstance(x, torch.nn.Parameter):
+            return x
+        return _Ref(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_hold(v, made) for v in x)
+    if isinstance(x, dict):
+        return {k: _hold(v, made) for k, v in x.items()}
+    return x
+
+
+def _resolve(x):
+    if isinstance(x, _Ref):
+        return x.get()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_resolve(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _resolve(v) for k, v in x.items()}
+    return x
 
 
 # ---------------------------------------------------------------------------- reuse
-# A captured decode step reads fixed addresses: the static cache, the static token maps
-# and the step's input/output buffers. When a later call has the same shapes and the
-# attached methods keep no per-sequence tensors (no attention plans, no prefill state),
-# the same graph serves it: its prefill writes into the same buffers, and decoding starts
-# with replays (no capture). One such step is kept per model (module-level, weakly keyed:
+# A captured decode step reads fixed addresses: the static cache, the static token maps,
+# the step's input/output buffers and the attached methods' per-sequence tensors. A later
+# call of the same shapes and methods can be served by the same graph: its prefill writes
+# into the same cache and maps, each method's new per-sequence tensors are copied into the
+# kept ones (Method.graph_state / bind_graph_state), and decoding starts with replays (no
+# eager step, no capture). One such step is kept per model (module-level, weakly keyed:
 # the model itself is not touched); a call of another shape or method set replaces it,
 # after freeing it. release(model) frees it at once.
 
@@ -247,11 +420,78 @@ def bucket(n: int) -> int:
     return -(-n // BUCKET) * BUCKET
 
 
+@dataclass
+class GraphState:
+    """What a captured decode step of one method depends on (see
+    :meth:`vlmfix.methods.Method.graph_state`).
+
+    Attributes:
+        tensors: name -> every per-sequence tensor the method's decode hooks read or update
+            in place (device counters included).
+        decisions: host values that decided what those hooks did; a later call must have
+            equal ones to be served by the same graph.
+        per_step: host telemetry of one decode forward, for :meth:`~vlmfix.methods.Method.replayed`.
+    """
+
+    tensors: dict[str, Any] = field(default_factory=dict)
+    decisions: tuple = ()
+    per_step: dict[str, Any] = field(default_factory=dict)
+
+
 def reusable(methods) -> bool:
     """Whether a captured step of these methods can serve a later call (see above)."""
     from vlmfix.methods.base import Method
 
-    return all(type(m) is Method or getattr(m, "graph_reusable", False) for m in methods)
+    return all(
+        type(m) is Method or getattr(m, "graph_reusable", False) or type(m).graph_state is not Method.graph_state
+        for m in methods
+    )
+
+
+def states(methods) -> list[GraphState]:
+    """Every method's :class:`GraphState` (an empty one for stateless methods)."""
+    return [m.graph_state() or GraphState() for m in methods]
+
+
+def _mismatch(new: GraphState, kept: GraphState) -> str | None:
+    if new.decisions != kept.decisions:
+        return f"host decisions differ ({new.decisions!r} vs {kept.decisions!r})"
+    if new.tensors.keys() != kept.tensors.keys():
+        return f"state tensors differ ({sorted(new.tensors)} vs {sorted(kept.tensors)})"
+    for name, t in new.tensors.items():
+        k = kept.tensors[name]
+        if not isinstance(k, torch.Tensor):
+            continue  # a counter the graph never updated: this call keeps its own
+        if isinstance(t, torch.Tensor) and (t.shape != k.shape or t.dtype != k.dtype or t.device != k.device):
+            return f"{name}: {tuple(t.shape)} {t.dtype} vs {tuple(k.shape)} {k.dtype}"
+    return None
+
+
+def adopt(buffers: StepBuffers, methods) -> str | None:
+    """Let this call's methods be served by the kept step's graph: copy each method's
+    per-sequence tensors into the kept ones and bind them (after the prefill). Returns
+    None, or why the kept graph does not fit this call (then nothing was changed)."""
+    new = states(methods)
+    kept = buffers.states
+    if kept is None or len(kept) != len(new):
+        return "no method state was kept with the step"
+    for m, n, k in zip(methods, new, kept):
+        why = _mismatch(n, k)
+        if why is not None:
+            return f"{m.name}: {why}"
+    with torch.no_grad():
+        for n, k in zip(new, kept):
+            for name, t in n.tensors.items():
+                dst = k.tensors[name]
+                if not isinstance(dst, torch.Tensor):
+                    k.tensors[name] = t
+                elif isinstance(t, torch.Tensor):
+                    dst.copy_(t)
+                else:
+                    dst.fill_(t)
+    for m, k in zip(methods, kept):
+        m.bind_graph_state(k)
+    return None
 
 
 def _fingerprint(model) -> tuple:
@@ -277,6 +517,8 @@ class StepBuffers:
     pad: torch.Tensor
     eos: torch.Tensor
     runner: GraphRunner | None = None
+    states: list[GraphState] | None = None  # the methods' state the graph reads (after its capture)
+    marked: tuple[str, ...] = ()  # methods that edited attention in the captured forward
 
 
 def take(model, key: tuple) -> StepBuffers | None:
@@ -304,6 +546,7 @@ def release(model) -> bool:
         return False
     kept.runner = None
     kept.cache = None
+    kept.states = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return True

@@ -662,7 +662,10 @@ def _static_loop(run: _Run, *, decode, generator):
         bufs = fastpath.new_buffers(
             run.model, key, R, C, B, dev, run.input_ids.dtype, run.attention_mask.dtype, run.eos
         )
-    decode["reused"] = bufs.runner is not None
+    if reuse:
+        # method buffers sized to the prompt's layout take the bucket's capacity, so that
+        # the per-sequence tensors of every call in the bucket have the kept step's shapes
+        ctrl.decode_capacity = C - L
     cache, generated, done = bufs.cache, bufs.generated, bufs.done
     generated.fill_(run.pad_id)
     done.zero_()
@@ -702,6 +705,13 @@ def _static_loop(run: _Run, *, decode, generator):
     pad, eos_t = bufs.pad, bufs.eos if eos_t is not None else None
     pad.fill_(run.pad_id)
     ctrl.enter_static(fastpath.StaticDecode(capacity=C, q_pos=pos_in, step=step_t, base=bufs.base), into=bufs.maps)
+    if bufs.runner is not None and bufs.runner.graph is not None:
+        # the kept graph reads the kept method state: hand it this call's values
+        why = fastpath.adopt(bufs, run.handle.methods)
+        if why is not None:
+            logger.info("vlmfix fast path: capturing the decode step again: %s", why)
+            bufs.runner = bufs.states = None
+    decode["reused"] = bufs.runner is not None
 
     def step_fn():
         o = run.model(
@@ -742,6 +752,12 @@ def _static_loop(run: _Run, *, decode, generator):
     if runner.graph is not None and not had_graph:
         # Python ran the captured step once; the graph ran it `replays` times.
         ctrl.account_replays(replays - 1)
+        if reuse:
+            bufs.states = fastpath.states(run.handle.methods)
+            bufs.marked = ctrl.marked_last_forward()
+    elif had_graph:
+        # a reused step: Python ran no decode step of this call
+        ctrl.account_reused(bufs.marked, replays)
     if runner.fallback is not None:
         decode.update(path="static", fallback=runner.fallback)
     decode.update(capture_s=round(runner.capture_s - capture_before, 4), replays=replays)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 
 import torch
 
 from vlmfix.errors import UnsupportedModelError
 
-__all__ = ["TINY_FAMILIES", "LLAVA15_CHAT_TEMPLATE", "build_tiny", "build_tiny_tokenizer"]
+__all__ = ["TINY_FAMILIES", "LLAVA15_CHAT_TEMPLATE", "build_tiny", "build_tiny_tokenizer", "emulated_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -279,3 +280,24 @@ def build_tiny(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model, processor
+
+
+@contextmanager
+def emulated_graphs():
+    """Inside this block ``decode_path="graph"`` works without CUDA: the decode step is
+    captured and replayed by :class:`vlmfix.fastpath.EmulatedGraph`, which gives it a CUDA
+    graph's semantics on the CPU (Python runs it once, replays repeat only the recorded
+    tensor ops, host syncs are refused). For tests; it makes nothing faster.
+
+    Example:
+        >>> with emulated_graphs():  # doctest: +SKIP
+        ...     out = vlmfix.generate(model, processor, images, prompts, decode_path="graph")
+    """
+    from vlmfix import fastpath
+
+    before = fastpath._EMULATE
+    fastpath._EMULATE = True
+    try:
+        yield
+    finally:
+        fastpath._EMULATE = before

@@ -1,10 +1,12 @@
 """The fast decode path (static cache, one captured step) gives the eager path's tokens.
 
-On the CPU the static step runs uncaptured (``decode_path="static"``); on a CUDA machine
-the same tests run ``decode_path="graph"``, where the step is captured once and replayed,
-so Python ran each decode hook once while the device ran it every step. Every registered
-method is compared on all three tiny families: same tokens, the same per-step logits
-within fp32 noise, the same telemetry.
+Both fast paths are checked: ``decode_path="static"`` (the static step, uncaptured) and
+``decode_path="graph"``, where the step is captured once and replayed, so Python ran each
+decode hook once while the device ran it every step. On a CUDA machine that is a CUDA
+graph; on the CPU :func:`vlmfix.testing.emulated_graphs` gives the step the same
+semantics (replays repeat only recorded tensor ops; host syncs are refused). Every
+registered method is compared on all three tiny families: same tokens, the same per-step
+logits within fp32 noise, the same telemetry.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from conftest import PROMPTS, make_images, tiny
 
 import vlmfix
 from vlmfix.errors import ConfigError
+from vlmfix.testing import emulated_graphs
 
 CUDA = torch.cuda.is_available()
-FAST = "graph" if CUDA else "static"
+FAST = "graph"
 DEVICE = "cuda" if CUDA else "cpu"
 STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def graphs():
+    """``decode_path="graph"`` on the CPU: CUDA-graph semantics by emulation."""
+    with emulated_graphs():
+        yield
 
 
 def _model(family):
@@ -35,11 +45,11 @@ def _config(name):
     return vlmfix.methods.get(name)()
 
 
-def _pair(model, processor, methods, n=3, **kw):
+def _pair(model, processor, methods, n=3, path=FAST, **kw):
     images, prompts = make_images(n), PROMPTS[:n]
     kw = {"max_new_tokens": STEPS, "return_scores": True, **kw}
     eager = vlmfix.generate(model, processor, images, prompts, methods=methods, decode_path="eager", **kw)
-    fast = vlmfix.generate(model, processor, images, prompts, methods=methods, decode_path=FAST, **kw)
+    fast = vlmfix.generate(model, processor, images, prompts, methods=methods, decode_path=path, **kw)
     return eager, fast
 
 
@@ -51,13 +61,14 @@ def _assert_same(eager, fast):
     assert eager.decode["path"] == "eager"
 
 
+@pytest.mark.parametrize("path", ["static", "graph"])
 @pytest.mark.parametrize("name", vlmfix.methods.available())
-def test_every_method_gives_the_eager_tokens(family, name):
+def test_every_method_gives_the_eager_tokens(family, name, path):
     model, processor = _model(family)
-    eager, fast = _pair(model, processor, [_config(name)])
-    assert fast.decode["path"] == FAST and fast.decode["fallback"] is None
+    eager, fast = _pair(model, processor, [_config(name)], path=path)
+    assert fast.decode["path"] == path and fast.decode["fallback"] is None
     _assert_same(eager, fast)
-    if CUDA:  # every step after the first decode step was a graph replay
+    if path == "graph":  # every step after the first decode step was a graph replay
         assert fast.decode["replays"] == STEPS - 2 and fast.decode["capture_s"] > 0
 
 
@@ -124,7 +135,10 @@ def test_auto_picks_graph_on_cuda_and_eager_elsewhere():
     assert out.decode["path"] == ("graph" if CUDA else "eager") and out.decode["requested"] == "auto"
 
 
-def test_bad_decode_paths_are_refused_before_any_work():
+def test_bad_decode_paths_are_refused_before_any_work(monkeypatch):
+    from vlmfix import fastpath
+
+    monkeypatch.setattr(fastpath, "_EMULATE", False)
     model, processor = _model("llava")
     with pytest.raises(ConfigError, match="decode_path='fast'"):
         vlmfix.generate(model, processor, make_images(1), PROMPTS[:1], decode_path="fast")
@@ -176,26 +190,74 @@ def test_triton_kernels_inside_the_captured_step(name):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+REUSED = {
+    "plain": lambda: [],
+    "vcd": lambda: [vlmfix.VCD()],
+    "m3id": lambda: [vlmfix.M3ID()],
+    "pai": lambda: [vlmfix.PAI()],
+    "var": lambda: [_config("var")],
+    "paint": lambda: [vlmfix.PAINT()],
+    "vhr": lambda: [vlmfix.VHR()],
+    "var+vcd+pai": lambda: [_config("var"), vlmfix.VCD(), vlmfix.PAI()],
+}
+
+
 @pytest.mark.parametrize("family_name", ["llava", "llava_next"])
-def test_later_calls_reuse_the_step_and_give_the_eager_tokens(family_name):
-    """Calls of the same row count and capacity bucket reuse the kept step (its graph on
-    CUDA): the prefill writes into the same cache and maps, over what earlier, longer or
-    shorter, prompts left there."""
+@pytest.mark.parametrize("methods", list(REUSED), ids=list(REUSED))
+def test_later_calls_reuse_the_step_and_give_the_eager_tokens(family_name, methods):
+    """Calls of the same row count and capacity bucket reuse the kept step (its graph):
+    the prefill writes into the same cache and maps, over what earlier, longer or shorter,
+    prompts left there, and the methods' per-sequence tensors (sinks, boosts, selected
+    heads) are copied into the ones the graph reads. Every decode step of a reused call is
+    a replay; tokens, logits and telemetry are the eager path's."""
     from vlmfix import fastpath
 
     model, processor = _model(family_name)
     fastpath.release(model)
     calls = [(0, PROMPTS[:3]), (1, PROMPTS[1:4]), (2, PROMPTS[2:5]), (3, [PROMPTS[4], PROMPTS[0], PROMPTS[2]])]
-    for methods in (lambda: [], lambda: [vlmfix.VCD()], lambda: [vlmfix.M3ID()]):
-        reused = []
-        for seed, prompts in calls:
-            images = make_images(3, seed=seed)
-            kw = dict(methods=methods(), max_new_tokens=STEPS)
-            eager = vlmfix.generate(model, processor, images, prompts, decode_path="eager", **kw)
-            fast = vlmfix.generate(model, processor, images, prompts, decode_path=FAST, **kw)
-            assert fast.token_ids == eager.token_ids, (seed, prompts)
-            reused.append(fast.decode["reused"])
-        assert reused == [False, True, True, True]
-    # a call whose methods keep per-sequence tensors frees the kept step and keeps none
-    vlmfix.generate(model, processor, make_images(3), PROMPTS[:3], [vlmfix.PAI()], max_new_tokens=3, decode_path=FAST)
+    reused = []
+    for seed, prompts in calls:
+        images = make_images(3, seed=seed)
+        kw = dict(methods=REUSED[methods](), max_new_tokens=STEPS)
+        eager = vlmfix.generate(model, processor, images, prompts, decode_path="eager", **kw)
+        fast = vlmfix.generate(model, processor, images, prompts, decode_path=FAST, **kw)
+        assert fast.token_ids == eager.token_ids, (seed, prompts)
+        assert fast.stats == eager.stats, (seed, prompts)
+        reused.append(fast.decode["reused"])
+        if fast.decode["reused"]:
+            assert fast.decode["replays"] == STEPS - 1 and fast.decode["capture_s"] == 0
+    assert reused == [False, True, True, True]
+    assert fastpath.release(model)
+
+
+def test_a_step_whose_state_does_not_fit_is_captured_again(caplog):
+    """A kept step whose host decisions differ from the new call's (say PAINT found boosted
+    keys in one call and none in the next) is captured again, not replayed."""
+    from vlmfix import fastpath
+
+    model, processor = _model("llava")
+    fastpath.release(model)
+    images, prompts = make_images(3), PROMPTS[:3]
+    kw = dict(max_new_tokens=STEPS, decode_path=FAST)
+    vlmfix.generate(model, processor, images, prompts, [vlmfix.PAINT()], **kw)
+    kept = fastpath._KEPT[model].states[0]
+    kept.decisions = (not kept.decisions[0],) + kept.decisions[1:]
+    with caplog.at_level(logging.INFO, logger="vlmfix.generation"):
+        out = vlmfix.generate(model, processor, images, prompts, [vlmfix.PAINT()], **kw)
+    assert "capturing the decode step again: paint: host decisions differ" in caplog.text
+    eager = vlmfix.generate(
+        model, processor, images, prompts, [vlmfix.PAINT()], max_new_tokens=STEPS, decode_path="eager"
+    )
+    assert not out.decode["reused"] and out.decode["replays"] == STEPS - 2
+    assert out.token_ids == eager.token_ids and out.stats == eager.stats
+    assert vlmfix.generate(model, processor, images, prompts, [vlmfix.PAINT()], **kw).decode["reused"]
+    fastpath.release(model)
+
+
+def test_a_method_without_graph_state_frees_the_kept_step():
+    from vlmfix import fastpath
+
+    model, processor = _model("llava")
+    vlmfix.generate(model, processor, make_images(3), PROMPTS[:3], max_new_tokens=3, decode_path=FAST)
+    vlmfix.generate(model, processor, make_images(3), PROMPTS[:3], [vlmfix.AvisC()], max_new_tokens=3, decode_path=FAST)
     assert not fastpath.release(model)

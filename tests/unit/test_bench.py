@@ -105,7 +105,11 @@ def test_suite_shorthand_and_long_forms():
 
 
 def test_shipped_suites():
-    assert {"decode", "tiny"} <= set(shipped_suites())
+    assert {"decode", "methods", "tiny"} <= set(shipped_suites())
+    for name in shipped_suites():  # every shipped suite parses
+        assert load_suite(name).variants
+    methods = load_suite("methods")
+    assert methods.batch_sizes == (1, 8) and "stock_static" not in [v.name for v in methods.variants]
     decode = load_suite(None)  # the default
     assert decode.name == "decode" and decode.models == ("llava-1.5-7b",)
     assert decode.batch_sizes == (1, 8, 32)

@@ -195,6 +195,18 @@ class DecodeRowCount:
         else:
             self._last = (forward, entry, row_heads)
 
+    @property
+    def last_row_heads(self) -> int:
+        """Row-heads counted in the last forward (0 before any)."""
+        return self._last[2] if self._last is not None else 0
+
+    def expect(self, layout, row_heads: int) -> None:
+        """Count nothing yet, but let :meth:`repeat_last_forward` count forwards of
+        ``row_heads`` over ``layout``'s samples (a reused captured decode step)."""
+        ends = layout.image_end
+        entry = self._seqs.setdefault(id(ends), [ends, (ends >= 0).sum(), 0])
+        self._last = (-1, entry, row_heads)
+
     def repeat_last_forward(self, n: int) -> None:
         """Count the row-heads of the last forward ``n`` more times (CUDA graph replays)."""
         if self._last is not None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vlmfix.attachment import AttachHandle
     from vlmfix.attention import AttentionCall
     from vlmfix.branches import BranchSpec
+    from vlmfix.fastpath import GraphState
     from vlmfix.plan import AttentionPlan, PlanResult
 
 __all__ = ["MethodConfig", "Method", "help_field"]
@@ -203,7 +204,8 @@ class Method:
     fast_path_blocker: str | None = None
     #: True when the method holds no per-sequence tensors and no telemetry in decode steps
     #: (e.g. a contrastive combine of the logits alone): then a captured decode step of one
-    #: call serves later calls of the same shapes (see :mod:`vlmfix.fastpath`).
+    #: call serves later calls of the same shapes (see :mod:`vlmfix.fastpath`). Methods
+    #: with per-sequence tensors opt in by implementing :meth:`graph_state`.
     graph_reusable: bool = False
 
     def __init__(self, config: MethodConfig):
@@ -273,6 +275,24 @@ class Method:
     def replayed(self, n: int) -> None:
         """The last decode forward ran ``n`` more times on the device than its hooks ran in
         Python (CUDA graph replays): add its host-side telemetry ``n`` more times."""
+
+    def graph_state(self) -> GraphState | None:
+        """What this method's decode hooks depend on, so that a captured decode step can
+        serve a later call (:mod:`vlmfix.fastpath`, "reuse"). Called after the prefill (and
+        at the end of the call that captured the step). Return a
+        :class:`~vlmfix.fastpath.GraphState`: every per-sequence tensor the decode hooks read
+        or update in place, the host values that decided what they did, and the host
+        telemetry of one decode forward. ``None`` (the default) opts out of reuse unless
+        :attr:`graph_reusable` is set. A later call is served only when its state has the
+        same tensor names, shapes and dtypes and equal decisions; its tensors are then
+        copied into the kept ones and handed to :meth:`bind_graph_state`."""
+        return None
+
+    def bind_graph_state(self, kept: GraphState) -> None:
+        """Take the kept step's tensors (``kept.tensors``, already holding this call's
+        values) as this method's own, so that what the replays update is what
+        :meth:`stats` reads, and set up :meth:`replayed` from ``kept.per_step`` (this call
+        runs no decode hook in Python: every decode step is a replay)."""
 
     def stats(self) -> dict[str, Any]:
         """Telemetry gathered since attach (JSON-serialisable)."""

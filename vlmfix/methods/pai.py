@@ -104,6 +104,20 @@ class PAIRuntime(Method):
         plan.score_rows = rows if rows is None else rows.expand(layout.batch_size, -1)
         plan.add_score_edit(coef)
 
+    def graph_state(self):
+        from vlmfix.fastpath import GraphState
+
+        # The decode edit reads only the token map (kept with the step) and constants.
+        layout = self.handle.controller.layout
+        return GraphState(
+            decisions=(layout is not None and layout.has_image,),
+            per_step={"row_heads": self._decode_rows.last_row_heads, "calls": self._decode_calls[1]},
+        )
+
+    def bind_graph_state(self, kept) -> None:
+        self._decode_rows.expect(self.handle.controller.layout, kept.per_step["row_heads"])
+        self._decode_calls = (-1, kept.per_step["calls"])
+
     def replayed(self, n: int) -> None:
         self._decode_rows.repeat_last_forward(n)
         self._calls += self._decode_calls[1] * n

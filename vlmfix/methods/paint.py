@@ -316,6 +316,26 @@ class PAINTRuntime(Method):
         plan.score_rows = rows if rows is None else rows.expand(B, -1)
         plan.add_score_edit(gain)
 
+    def graph_state(self):
+        from vlmfix.fastpath import GraphState
+
+        # decode steps read the per-key boost, the heads' sensitivities and the boosted
+        # sample count (all from the prefill) and add to the row counter
+        tensors = {"rows": self._rows}
+        if self._boost is not None:
+            tensors.update(boost=self._boost, boosted=self._boosted)
+        tensors.update({f"sens{layer}": t for layer, t in self._sens.items()})
+        return GraphState(tensors=tensors, decisions=(self._any, self._boost is not None, tuple(sorted(self._sens))))
+
+    def bind_graph_state(self, kept) -> None:
+        t = kept.tensors
+        if isinstance(t["rows"], torch.Tensor):
+            self._rows = t["rows"]
+        if "boost" in t:
+            self._boost, self._boosted = t["boost"], t["boosted"]
+        for layer in self._sens:
+            self._sens[layer] = t[f"sens{layer}"]
+
     def stats(self) -> dict[str, Any]:
         return {
             "layers": sorted(self.layers),

@@ -300,6 +300,35 @@ class VARRuntime(Method):
         # device-side counter: no host sync per layer; stats() reads it once
         self._rows_selected = accumulate(self._rows_selected, result.selected.sum())
 
+    _DECODE_KEYS = ("var_labels", "var_weights", "var_rows")  # what a decode step reads, per layer
+
+    def graph_state(self):
+        from vlmfix.fastpath import GraphState
+
+        ctrl = self.handle.controller
+        tensors = {"rows_selected": self._rows_selected}
+        prepared = []
+        for idx in sorted(self.layers):
+            state = ctrl.state.get(idx, {})
+            if all(k in state for k in self._DECODE_KEYS):
+                prepared.append(idx)
+                tensors.update({f"{idx}.{k}": state[k] for k in self._DECODE_KEYS})
+        return GraphState(
+            tensors=tensors,
+            decisions=(tuple(prepared),),
+            per_step={"row_heads": self._decode_rows.last_row_heads},
+        )
+
+    def bind_graph_state(self, kept) -> None:
+        ctrl = self.handle.controller
+        for name, t in kept.tensors.items():
+            if "." in name:
+                idx, key = name.split(".", 1)
+                ctrl.layer_state(int(idx))[key] = t
+        if isinstance(kept.tensors["rows_selected"], torch.Tensor):
+            self._rows_selected = kept.tensors["rows_selected"]
+        self._decode_rows.expect(ctrl.layout, kept.per_step["row_heads"])
+
     def replayed(self, n: int) -> None:
         self._decode_rows.repeat_last_forward(n)
 

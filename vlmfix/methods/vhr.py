@@ -222,10 +222,24 @@ class VHRRuntime(Method):
             return
         if self._measuring_one_pass(call) and call.row_stats is not None:
             self._measure_layer(call.layer_idx, call.row_stats.out, call.row_stats.out_text)
-        if call.layer_idx not in self.layers or self.selected is None or self.selected.shape[0] != call.layout.batch_size:
+        if (
+            call.layer_idx not in self.layers
+            or self.selected is None
+            or self.selected.shape[0] != call.layout.batch_size
+        ):
             return
         sel = self.selected[:, call.layer_idx]  # [B, H]
         plan.scale_heads(torch.where(sel, float(self.config.alpha), 1.0))
+
+    def graph_state(self):
+        from vlmfix.fastpath import GraphState
+
+        # decode steps scale the heads selected at the prefill
+        return GraphState(tensors={} if self.selected is None else {"selected": self.selected})
+
+    def bind_graph_state(self, kept) -> None:
+        if "selected" in kept.tensors:
+            self.selected = kept.tensors["selected"]
 
     def observe(self, call, plan, result) -> None:
         if self._probe is not None and result.row_stats is not None:

@@ -1,0 +1,92 @@
+"""Where the time of a 1-token ``vlmfix.generate`` call goes, with and without pre-LM
+token selection, on a random full-size LLaVA-1.5-7B (diagnostic for the pruning figures).
+
+Times, each the median of ``--repeats`` synchronised calls after a warm-up: the processor
+alone (``prepare_inputs``), the vision tower + projector alone, stock ``model(**inputs)``
+(prefill forward, inputs ready), and ``vlmfix.generate(max_new_tokens=1)`` plain, with
+VisionZip-style selection to 64 tokens and with random pre-LM pruning to 64; then a
+``cProfile`` of one VisionZip call (host time per function; GPU work shows up where the
+host waits for it).
+
+Usage::
+
+    python benchmarks/profile_prefill.py --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+
+import vlmfix
+from vlmfix.bench.models import build_llava_7b, make_batch
+from vlmfix.generation import prepare_inputs
+
+
+def timed(fn, repeats, device):
+    fn()
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    device = torch.device("cuda")
+    model, processor = build_llava_7b(device)
+    print(f"{torch.cuda.get_device_name(device)}; image processor {type(processor.image_processor).__name__}")
+    for B in args.batch:
+        images, prompts = make_batch(B, 336)
+        inputs = prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16)
+        rows = {}
+        rows["processor (prepare_inputs)"] = timed(
+            lambda: prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16), args.repeats, device
+        )
+        with torch.inference_mode():
+            rows["vision tower + projector"] = timed(
+                lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                                       vision_feature_select_strategy="default"),
+                args.repeats, device,
+            )  # fmt: skip
+            rows["stock forward (inputs ready)"] = timed(lambda: model(**inputs, logits_to_keep=1), args.repeats, device)
+        variants = {
+            "vlmfix plain": lambda: [],
+            "vlmfix VisionZip 64": lambda: [vlmfix.VisionZip()],
+            "vlmfix random pre-LM 64": lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
+        }
+        for name, methods in variants.items():
+            rows[name] = timed(
+                lambda m=methods: vlmfix.generate(model, processor, images, prompts, m(), max_new_tokens=1),
+                args.repeats,
+                device,
+            )
+        print(f"\nbatch {B}, prompt {inputs['input_ids'].shape[1]} tokens: ms per call (median of {args.repeats})")
+        for name, ms in rows.items():
+            print(f"  {name:32s} {ms:8.1f}")
+        prof = cProfile.Profile()
+        prof.enable()
+        vlmfix.generate(model, processor, images, prompts, [vlmfix.VisionZip()], max_new_tokens=1)
+        torch.cuda.synchronize(device)
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        print("\n".join(s.getvalue().splitlines()[:45]))
+
+
+if __name__ == "__main__":
+    main()
