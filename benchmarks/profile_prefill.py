@@ -4,13 +4,13 @@ token selection, on a random full-size LLaVA-1.5-7B (diagnostic for the pruning 
 Times, each the median of ``--repeats`` synchronised calls after a warm-up: the processor
 alone (``prepare_inputs``), the vision tower + projector alone, stock ``model(**inputs)``
 (prefill forward, inputs ready), and ``vlmfix.generate(max_new_tokens=1)`` plain, with
-VisionZip-style selection to 64 tokens and with random pre-LM pruning to 64; then a
-``cProfile`` of one VisionZip call (host time per function; GPU work shows up where the
+VisionZip-style selection to 64 tokens and with random pre-LM pruning to 64; with
+``--cprofile``, a ``cProfile`` of one VisionZip call (host time per function; GPU work shows up where the
 host waits for it).
 
 Usage::
 
-    python benchmarks/profile_prefill.py --batch 8
+    python benchmarks/profile_prefill.py --batch 1 8 [--cprofile]
 """
 
 from __future__ import annotations
@@ -41,51 +41,58 @@ def timed(fn, repeats, device):
     return statistics.median(out) * 1e3
 
 
+def profile(model, processor, device, B, repeats, cprofile=False):
+    images, prompts = make_batch(B, 336)
+    inputs = prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16)
+    rows = {}
+    rows["processor (prepare_inputs)"] = timed(
+        lambda: prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16), repeats, device
+    )
+    with torch.inference_mode():
+        rows["vision tower + projector"] = timed(
+            lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                                   vision_feature_select_strategy="default"),
+            repeats, device,
+        )  # fmt: skip
+        rows["stock forward (inputs ready)"] = timed(lambda: model(**inputs, logits_to_keep=1), repeats, device)
+    variants = {
+        "vlmfix plain": lambda: [],
+        "vlmfix VisionZip 64": lambda: [vlmfix.VisionZip()],
+        "vlmfix random pre-LM 64": lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
+    }
+    for name, methods in variants.items():
+        rows[name] = timed(
+            lambda m=methods: vlmfix.generate(model, processor, images, prompts, m(), max_new_tokens=1),
+            repeats,
+            device,
+        )
+    print(f"\nbatch {B}, prompt {inputs['input_ids'].shape[1]} tokens: ms per call (median of {repeats})")
+    for name, ms in rows.items():
+        print(f"  {name:32s} {ms:8.1f}")
+    if not cprofile:
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    vlmfix.generate(model, processor, images, prompts, [vlmfix.VisionZip()], max_new_tokens=1)
+    torch.cuda.synchronize(device)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print("\n".join(s.getvalue().splitlines()[:45]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of one VisionZip call")
     args = parser.parse_args(argv)
     torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cuda")
     model, processor = build_llava_7b(device)
     print(f"{torch.cuda.get_device_name(device)}; image processor {type(processor.image_processor).__name__}")
     for B in args.batch:
-        images, prompts = make_batch(B, 336)
-        inputs = prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16)
-        rows = {}
-        rows["processor (prepare_inputs)"] = timed(
-            lambda: prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16), args.repeats, device
-        )
-        with torch.inference_mode():
-            rows["vision tower + projector"] = timed(
-                lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
-                                                       vision_feature_select_strategy="default"),
-                args.repeats, device,
-            )  # fmt: skip
-            rows["stock forward (inputs ready)"] = timed(lambda: model(**inputs, logits_to_keep=1), args.repeats, device)
-        variants = {
-            "vlmfix plain": lambda: [],
-            "vlmfix VisionZip 64": lambda: [vlmfix.VisionZip()],
-            "vlmfix random pre-LM 64": lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
-        }
-        for name, methods in variants.items():
-            rows[name] = timed(
-                lambda m=methods: vlmfix.generate(model, processor, images, prompts, m(), max_new_tokens=1),
-                args.repeats,
-                device,
-            )
-        print(f"\nbatch {B}, prompt {inputs['input_ids'].shape[1]} tokens: ms per call (median of {args.repeats})")
-        for name, ms in rows.items():
-            print(f"  {name:32s} {ms:8.1f}")
-        prof = cProfile.Profile()
-        prof.enable()
-        vlmfix.generate(model, processor, images, prompts, [vlmfix.VisionZip()], max_new_tokens=1)
-        torch.cuda.synchronize(device)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-        print("\n".join(s.getvalue().splitlines()[:45]))
+        profile(model, processor, device, B, args.repeats, args.cprofile)
 
 
 if __name__ == "__main__":

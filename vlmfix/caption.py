@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vlmfix._prefetch import prefetched
 from vlmfix.errors import ConfigError, DataError
 from vlmfix.io import JsonlWriter, drop_records, read_jsonl, repair_jsonl
 from vlmfix.shard import DistContext, ShardedRun, merge_records, part_files, shard_items, write_records
@@ -336,20 +337,30 @@ def caption_files(
         generate_kwargs = dict(generate_kwargs or {})
         bar = tqdm(total=len(mine), disable=not progress, unit="img", desc="captioning")
         with JsonlWriter(run.part) as writer:
-            for batch in _batches(mine, batch_size):
-                records: list[dict[str, Any] | None] = []
-                images, good = [], []
+            def read(batch: list[Path]) -> list[Any]:
+                out = []
                 for path in batch:
                     try:
-                        images.append(load_image(path, max_pixels))
+                        out.append(load_image(path, max_pixels))
+                    except DataError as exc:
+                        out.append(exc)
+                return out
+
+            # the next batch's images are read while this one is on the model
+            for batch, loaded in prefetched(list(_batches(mine, batch_size)), read):
+                records: list[dict[str, Any] | None] = []
+                images, good = [], []
+                for path, image in zip(batch, loaded):
+                    if not isinstance(image, DataError):
+                        images.append(image)
                         good.append(path)
                         records.append(None)  # its caption, once generated
-                    except DataError as exc:
+                    else:
                         records.append(
                             {
                                 "path": str(path),
                                 "resolved_path": resolved(path),
-                                "error": str(exc),
+                                "error": str(image),
                                 "error_type": "bad_image",
                                 **settings,
                             }

@@ -268,29 +268,46 @@ def run_samples(
             lock.release()
 
 
+def _load_batch(batch: Sequence[Sample]) -> list[tuple[Sample, str, Any]]:
+    """Per sample: ``(sample, "record", final record)`` (a stored error, or an image that
+    cannot be read), ``(sample, "text", text)`` (generated before) or ``(sample, "image",
+    image or None)`` (to generate)."""
+    out = []
+    for s in batch:
+        if s.error is not None:
+            out.append((s, "record", _error_record(s, s.error)))
+        elif s.text is not None:
+            out.append((s, "text", s.text))
+        elif s.image_path is not None and not Path(s.image_path).is_file():
+            out.append((s, "record", _error_record(s, f"image file not found: {s.image_path}")))
+        else:
+            try:
+                out.append((s, "image", _load_image(Path(s.image_path)) if s.image_path else None))
+            except (DataError, OSError) as exc:
+                out.append((s, "record", _error_record(s, f"cannot read image: {exc}")))
+    return out
+
+
 def _loop(mine, generate_fn, finish, writer, batch_size, progress) -> None:
+    from vlmfix._prefetch import prefetched
+
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), desc="samples")
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size]
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    # the next batch's images are read while this one is on the model
+    for batch, loaded in prefetched(batches, _load_batch):
         ready, images = [], []
-        for s in batch:
-            if s.error is not None:
-                writer.write(_error_record(s, s.error))
-            elif s.text is not None:
-                writer.write({"key": s.key, **s.meta, **finish(s, s.text)})
-            elif s.image_path is not None and not Path(s.image_path).is_file():
-                writer.write(_error_record(s, f"image file not found: {s.image_path}"))
+        for s, kind, value in loaded:
+            if kind == "record":
+                writer.write(value)
+            elif kind == "text":
+                writer.write({"key": s.key, **s.meta, **finish(s, value)})
             else:
-                try:
-                    images.append(_load_image(Path(s.image_path)) if s.image_path else None)
-                except (DataError, OSError) as exc:
-                    writer.write(_error_record(s, f"cannot read image: {exc}"))
-                    continue
                 ready.append(s)
+                images.append(value)
         if ready:
             if generate_fn is None:
                 raise ConfigError("samples need generation but no generate_fn / model was given")
