@@ -130,6 +130,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(
+        "--scenarios", nargs="+", default=["next", "llava"], choices=["next", "llava"],
+        help="next: FastV & co on LLaVA-NeXT-7B; llava: pre-LM selection on LLaVA-1.5-7B",
+    )  # fmt: skip
+    parser.add_argument(
         "--backend", default="auto", help="vlmfix attention backend of the non-eager rows (auto, reference, triton)"
     )
     args = parser.parse_args(argv)
@@ -153,36 +157,38 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     tables = []
 
-    model, processor = builders["next"]()
-    images, prompts = bc.make_batch(args.batch, sizes["next"])
-    rows = [
-        ("stock model.generate (sdpa)", lambda: [], "stock"),
-        ("plain vlmfix", lambda: [], "vlmfix"),
-        ("FastV K=2 R=50%", lambda: [vlmfix.FastV()], "vlmfix"),
-        ("random K=2 R=50%", lambda: [vlmfix.RandomPrune()], "vlmfix"),
-        ("PyramidDrop 8/16/24", lambda: [vlmfix.PyramidDrop()], "vlmfix"),
-        ("visual-token exit (half depth)", lambda: [vlmfix.TokenExit()], "vlmfix"),
-        ("peers' way: FastV on eager attention", lambda: [vlmfix.FastV()], "eager"),
-        ("peers' way: unpruned eager attention", lambda: [], "eager"),
-    ]
-    title = f"LLaVA-NeXT-7B (random), FastV, backend {args.backend}"
-    tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
-    del model, processor
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if "next" in args.scenarios:
+        model, processor = builders["next"]()
+        images, prompts = bc.make_batch(args.batch, sizes["next"])
+        rows = [
+            ("stock model.generate (sdpa)", lambda: [], "stock"),
+            ("plain vlmfix", lambda: [], "vlmfix"),
+            ("FastV K=2 R=50%", lambda: [vlmfix.FastV()], "vlmfix"),
+            ("random K=2 R=50%", lambda: [vlmfix.RandomPrune()], "vlmfix"),
+            ("PyramidDrop 8/16/24", lambda: [vlmfix.PyramidDrop()], "vlmfix"),
+            ("visual-token exit (half depth)", lambda: [vlmfix.TokenExit()], "vlmfix"),
+            ("peers' way: FastV on eager attention", lambda: [vlmfix.FastV()], "eager"),
+            ("peers' way: unpruned eager attention", lambda: [], "eager"),
+        ]
+        title = f"LLaVA-NeXT-7B (random), FastV, backend {args.backend}"
+        tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
+        del model, processor
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    model, processor = builders["llava"]()
-    images, prompts = bc.make_batch(args.batch, sizes["llava"])
-    rows = [
-        ("stock model.generate (sdpa)", lambda: [], "stock"),
-        ("plain vlmfix", lambda: [], "vlmfix"),
-        ("VisionZip-style selection to 64", zip64, "vlmfix"),
-        ("random pre-LM pruning to 64", lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - budget)], "vlmfix"),
-        ("adjacent merging 50%", lambda: [vlmfix.TokenMerge()], "vlmfix"),
-    ]
-    title = f"LLaVA-1.5-7B (random), pre-LM, backend {args.backend}"
-    tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
+    if "llava" in args.scenarios:
+        model, processor = builders["llava"]()
+        images, prompts = bc.make_batch(args.batch, sizes["llava"])
+        rows = [
+            ("stock model.generate (sdpa)", lambda: [], "stock"),
+            ("plain vlmfix", lambda: [], "vlmfix"),
+            ("VisionZip-style selection to 64", zip64, "vlmfix"),
+            ("random pre-LM pruning to 64", lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - budget)], "vlmfix"),
+            ("adjacent merging 50%", lambda: [vlmfix.TokenMerge()], "vlmfix"),
+        ]
+        title = f"LLaVA-1.5-7B (random), pre-LM, backend {args.backend}"
+        tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
 
     what = "tiny random models (CPU dry run)" if args.tiny else "random full-size models, fp16, sdpa (cuDNN sdpa off)"
     print(f"\n{what} on {device_name}; torch {torch.__version__}\n")
