@@ -32,6 +32,7 @@ Usage::
     python benchmarks/bench_multigpu.py                       # 1 GPU vs all visible GPUs
     python benchmarks/bench_multigpu.py --gpus 2 --questions 600 --batch-size 16
     python benchmarks/bench_multigpu.py --device-map-check    # also the device_map check
+    python benchmarks/bench_multigpu.py --gpus 1              # the one-GPU questions/s alone
     python benchmarks/bench_multigpu.py --tiny                # CPU dry run (tiny model, 2 CPU processes)
 """
 
@@ -256,8 +257,9 @@ def main(argv=None) -> None:
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available; use --tiny for a CPU dry run")
     n = args.gpus or (2 if args.tiny else torch.cuda.device_count())
-    if n < 2:
-        raise SystemExit(f"{n} GPU(s) visible: the parallel run needs at least 2")
+    if n < 1:
+        raise SystemExit("no GPU visible")
+    legs = (1,) if n == 1 else (1, n)  # --gpus 1: the one-GPU figure alone
     work = Path(args.workdir).resolve() / ("tiny" if args.tiny else "llava-1.5-7b-random")
     model_dir = prepare_model(work / "model", args.tiny)
     questions, images = prepare_pope(work, args.questions, 32 if args.tiny else 480)
@@ -268,7 +270,7 @@ def main(argv=None) -> None:
     common += ["--max-new-tokens", str(args.max_new_tokens), *(["--tiny"] if args.tiny else [])]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     timings = {}
-    for procs in (1, n):
+    for procs in legs:
         out = work / "runs" / f"{stamp}-api-{procs}"
         run_env = dict(env)
         if procs == 1 and not args.tiny:
@@ -282,7 +284,7 @@ def main(argv=None) -> None:
 
     cli = {}
     if not args.skip_cli:
-        for procs in (1, n):
+        for procs in legs:
             out = work / "runs" / f"{stamp}-cli-{procs}"
             run_env = dict(env)
             if procs == 1 and not args.tiny:
@@ -305,12 +307,13 @@ def main(argv=None) -> None:
     head = "| processes (GPUs) | model load (s, per process) | POPE run (s) | questions/s | speed-up | end to end, CLI (s) |"
     print(head)
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for procs in (1, n):
+    for procs in legs:
         t = timings[procs]
         e2e = f"{cli[procs]:.1f}" if procs in cli else "-"
         speed = t1["run_s"] / t["run_s"]
         print(f"| {procs} | {t['load_s']:.1f} | {t['run_s']:.1f} | {q / t['run_s']:.2f} | {speed:.2f}x | {e2e} |")
-    print(f"\nmerged samples.jsonl of {n} processes {'equals' if same else 'DIFFERS FROM'} the one-process file")
+    if n > 1:
+        print(f"\nmerged samples.jsonl of {n} processes {'equals' if same else 'DIFFERS FROM'} the one-process file")
     if checks:
         print("\n| method | device_map='auto' split vs one device |\n| --- | --- |")
         for name, verdict in checks:

@@ -1,6 +1,8 @@
 """The ``reference`` backend: pure-torch execution of attention plans.
 
-Any device, any dtype, exact (scores in fp32). It materialises the ``[B, H, Tq, Tk]``
+Any device, any dtype, exact (scores, softmax and the value product accumulate in fp32;
+on CUDA half-precision operands are not copied to fp32 first: see :func:`matmul_fp32`). It
+materialises the ``[B, H, Tq, Tk]``
 score matrix only when a plan edits scores or probabilities; plain attention (and a
 head-scale-only plan) goes through ``torch.nn.functional.scaled_dot_product_attention``.
 Row statistics (:func:`plan_row_stats`) are computed beside the main pass, before any
@@ -20,7 +22,68 @@ if TYPE_CHECKING:
 PAD = 4  # vlmfix.layout.Label.PAD (not imported: this module stays free of vlmfix imports)
 IMAGE, IMAGE_SINK = 2, 3
 
-__all__ = ["attention", "expand_kv", "as_bool_mask", "execute", "row_stats", "plan_row_stats", "visible_mask"]
+__all__ = [
+    "attention",
+    "expand_kv",
+    "as_bool_mask",
+    "execute",
+    "matmul_fp32",
+    "probs_matmul_fp32",
+    "row_stats",
+    "plan_row_stats",
+    "visible_mask",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+_FP32_OUT: bool | None = None  # torch.bmm(..., out_dtype=torch.float32) works here (learnt at first use)
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``(a * scale) @ b`` in fp32 for ``[..., M, K] @ [..., K, N]`` operands of one dtype
+    (on CUDA with half-precision operands, ``(a @ b) * scale``).
+
+    On CUDA, half-precision operands go to cuBLAS as they are, with fp32 accumulation and
+    an fp32 result (``torch.bmm(..., out_dtype=torch.float32)``): a product of two fp16 or
+    bf16 numbers is exact in fp32, so this is the fp32 product without first copying a
+    whole KV cache to fp32 (in a decode step that copy, per edited layer, was most of the
+    cost of an edited plan). Elsewhere, or where that op is missing, both go to fp32.
+    """
+    global _FP32_OUT
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype and _FP32_OUT is not False:
+        lead = a.shape[:-2]
+        try:
+            out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT = False
+        else:
+            _FP32_OUT = True
+            out = out.view(*lead, a.shape[-2], b.shape[-1])
+            return out if scale is None else out.mul_(scale)
+    a = a.float() if scale is None else a.float() * scale
+    return torch.matmul(a, b.float())
+
+
+def probs_matmul_fp32(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` in fp32 for fp32 probabilities ``[..., M, T]`` and values ``[..., T, D]``.
+
+    With half-precision ``v`` on CUDA, ``v`` is not copied to fp32: the probabilities,
+    scaled by their row maximum, are split into half-precision terms ``p = p1 + p2 (+ p3)``
+    (two for fp16, three for bf16: 22 / 24 significant bits), each multiplied with ``v`` by
+    :func:`matmul_fp32` and summed in fp32. What the split drops is below fp32's own
+    rounding of the row's largest term. Elsewhere: ``probs @ v.float()``.
+    """
+    if not (v.is_cuda and v.dtype in _HALF and _FP32_OUT is not False):
+        return torch.matmul(probs, v.float())
+    scale = probs.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    rest = probs / scale
+    out = None
+    for _ in range(2 if v.dtype == torch.float16 else 3):
+        term = rest.to(v.dtype)
+        part = matmul_fp32(term, v)
+        out = part if out is None else out + part
+        rest = rest - term.float()
+    return out * scale
+
 
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[B, Hkv, T, D]`` -> ``[B, Hkv * n_rep, T, D]`` (grouped-query attention)."""
@@ -167,9 +230,9 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         q_len, k_len = query.shape[2], key.shape[2]
         if mask is None and q_len > 1:
             mask = as_bool_mask(None, q_len, k_len, query.device)
-        k = expand_kv(key, n_rep).float()
-        v = expand_kv(value, n_rep).float()
-        z = torch.matmul(query.float() * scaling, k.transpose(-1, -2))
+        k = expand_kv(key, n_rep)
+        v = expand_kv(value, n_rep)
+        z = matmul_fp32(query, k.transpose(-1, -2), scaling)
         if plan.score_coef is not None:
             coef = plan.score_coef[:, :, None, :]
             if plan.score_rows is not None:
@@ -180,7 +243,7 @@ def execute(query, key, value, plan: AttentionPlan, scaling: float) -> tuple[tor
         probs = torch.softmax(z, dim=-1)
         if plan.reweight is not None:
             probs, result.selected = _reweight(probs, plan.labels, plan.reweight)
-        out = torch.matmul(probs, v).to(query.dtype)
+        out = probs_matmul_fp32(probs, v).to(query.dtype)
     if plan.head_scale is not None:
         out = out * plan.head_scale[:, :, None, None].to(out.dtype)
     return out, result
