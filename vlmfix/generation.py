@@ -100,6 +100,20 @@ def build_prompt(processor, prompt: str, with_image: bool = True, system: str | 
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
+def processor_device(processor, device) -> dict[str, str]:
+    """``{"device": ...}`` for the processor call when its image processor can run on the
+    model's CUDA device (transformers' torchvision backend: resizing and normalising a
+    batch there takes a few ms instead of tens on the host), else ``{}``."""
+    if device is None or torch.device(device).type != "cuda":
+        return {}
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # pragma: no cover - transformers without backends
+        return {}
+    image_processor = getattr(processor, "image_processor", None)
+    return {"device": str(torch.device(device))} if isinstance(image_processor, TorchvisionBackend) else {}
+
+
 def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = True, device=None, dtype=None):
     """Tokenise prompts and preprocess images as one left-padded batch.
 
@@ -113,7 +127,14 @@ def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = Tr
         raise DataError("prompts is empty; pass at least one prompt")
     pil = [_open_image(im) for im in images]
     texts = [build_prompt(processor, p) if apply_chat_template else p for p in prompts]
-    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    inputs = processor(
+        images=pil,
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        **processor_device(processor, device),
+    )
     if device is not None:
         inputs = inputs.to(device)
     if dtype is not None and "pixel_values" in inputs:
@@ -172,7 +193,14 @@ def prepare_rows(
         texts.extend(_row_text(processor, p, spec, apply_chat_template) for p in prompts)
         if spec is None or spec.with_image:
             row_images.extend(pil)
-    inputs = processor(images=row_images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    inputs = processor(
+        images=row_images,
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        **processor_device(processor, device),
+    )
     if device is not None:
         inputs = inputs.to(device)
     pixels = inputs["pixel_values"]

@@ -11,9 +11,12 @@ from vlmfix.kernels import reference
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["copy", "split"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_scores_and_value_products_match_float64(device, dtype):
+def test_scores_and_value_products_match_float64(device, dtype, split, monkeypatch):
+    # large values tensors take the split product on CUDA: force it (or not) at this size
+    monkeypatch.setattr(reference, "_SPLIT_MIN", 0 if split else 1 << 62)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 3, 64, generator=g).to(device, dtype)
     k = torch.randn(2, 4, 577, 64, generator=g).to(device, dtype)

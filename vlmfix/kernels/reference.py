@@ -63,26 +63,29 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) ->
     return torch.matmul(a, b.float())
 
 
-def probs_matmul_fp32(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``probs @ v`` in fp32 for fp32 probabilities ``[..., M, T]`` and values ``[..., T, D]``.
+_SPLIT_MIN = 1 << 22  # values below this many elements are cheaper to copy to fp32 (eager launches)
 
-    With half-precision ``v`` on CUDA, ``v`` is not copied to fp32: the probabilities,
-    scaled by their row maximum, are split into half-precision terms ``p = p1 + p2 (+ p3)``
-    (two for fp16, three for bf16: 22 / 24 significant bits), each multiplied with ``v`` by
-    :func:`matmul_fp32` and summed in fp32. What the split drops is below fp32's own
-    rounding of the row's largest term. Elsewhere: ``probs @ v.float()``.
+
+def probs_matmul_fp32(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` in fp32 for fp32 probabilities ``[..., M, T]`` in ``[0, 1]`` and values
+    ``[..., T, D]``.
+
+    With large half-precision ``v`` on CUDA, ``v`` is not copied to fp32: the probabilities
+    are split into half-precision terms ``p = p1 + p2 (+ p3)`` (two for fp16, three for
+    bf16: 22 / 24 significant bits), each multiplied with ``v`` by :func:`matmul_fp32` and
+    summed in fp32. The split loses at most fp16's smallest step (``2**-25``) per
+    probability, which over ``T`` keys is the size of fp32's own summation error. Small
+    ``v`` (a few million elements) and other devices: ``probs @ v.float()``, fewer kernels.
     """
-    if not (v.is_cuda and v.dtype in _HALF and _FP32_OUT is not False):
+    if not (v.is_cuda and v.dtype in _HALF and v.numel() >= _SPLIT_MIN and _FP32_OUT is not False):
         return torch.matmul(probs, v.float())
-    scale = probs.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    rest = probs / scale
-    out = None
+    rest, out = probs, None
     for _ in range(2 if v.dtype == torch.float16 else 3):
         term = rest.to(v.dtype)
         part = matmul_fp32(term, v)
-        out = part if out is None else out + part
+        out = part if out is None else out.add_(part)
         rest = rest - term.float()
-    return out * scale
+    return out
 
 
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
