@@ -9,7 +9,8 @@ Block sizes are fixed, not autotuned (they were chosen without a GPU to tune on,
 only that the sm_90 build does not spill registers, see tests/kernels/gpu_compile.py):
 prefill tiles of 128 query rows x 64 keys with 8 warps and 3 pipeline stages, the usual
 choice for flash attention on H100-class GPUs at D <= 128 (2 stages with reweighting, whose
-two sweeps need more registers); 64 x 64 under the interpreter. Decode tiles hold up to 64
+two sweeps need more registers); 64 x 64 with 4 warps when 128-row tiles would give fewer
+programs than twice the GPU's multiprocessors (short prompts), and under the interpreter. Decode tiles hold up to 64
 query rows (32 with reweighting's three accumulators) of the query heads of one KV head,
 padded to at least 16 rows for ``tl.dot``, against 64 keys; the number of key slices fills
 the GPU about twice over.
@@ -456,6 +457,8 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
 
     if not use_decode:
         block_m, block_n = (64, 64) if interp else (128, 64)
+        if not interp and q.device.type == "cuda" and triton.cdiv(tq, 128) * b * h < 2 * _sm_count(q.device.index or 0):
+            block_m = 64  # short prompts: 64-row tiles give the GPU twice as many programs (shapes only)
         n_qtiles = triton.cdiv(tq, block_m)
         ranges = torch.empty((b, n_qtiles, 3), dtype=torch.int32, device=q.device)
         ranges_args = (labels, q_pos, k_pos, ranges, labels.stride(0), q_pos.stride(0), k_pos.stride(0), tq, tk, n_qtiles)
