@@ -41,7 +41,22 @@ def timed(fn, repeats, device):
     return statistics.median(out) * 1e3
 
 
-def profile(model, processor, device, B, repeats, cprofile=False):
+def torch_profile(model, processor, images, prompts, methods, label):
+    """Top ops by GPU and by host time of one call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        vlmfix.generate(model, processor, images, prompts, methods, max_new_tokens=1)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(f"\n{label}: top ops by GPU time")
+    print(table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(f"{label}: top ops by host time")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def profile(model, processor, device, B, repeats, cprofile=False, trace=False):
     images, prompts = make_batch(B, 336)
     inputs = prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16)
     rows = {}
@@ -69,6 +84,10 @@ def profile(model, processor, device, B, repeats, cprofile=False):
     print(f"\nbatch {B}, prompt {inputs['input_ids'].shape[1]} tokens: ms per call (median of {repeats})")
     for name, ms in rows.items():
         print(f"  {name:32s} {ms:8.1f}")
+    if trace:
+        torch_profile(model, processor, images, prompts, [], f"batch {B}, vlmfix plain")
+        torch_profile(model, processor, images, prompts, [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
+                      f"batch {B}, random pre-LM 64")  # fmt: skip
     if not cprofile:
         return
     prof = cProfile.Profile()
@@ -86,13 +105,14 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of one VisionZip call")
+    parser.add_argument("--trace", action="store_true", help="also print torch.profiler tables of plain and random")
     args = parser.parse_args(argv)
     torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cuda")
     model, processor = build_llava_7b(device)
     print(f"{torch.cuda.get_device_name(device)}; image processor {type(processor.image_processor).__name__}")
     for B in args.batch:
-        profile(model, processor, device, B, args.repeats, args.cprofile)
+        profile(model, processor, device, B, args.repeats, args.cprofile, args.trace)
 
 
 if __name__ == "__main__":
