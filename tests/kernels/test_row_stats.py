@@ -62,7 +62,7 @@ def test_padding_and_invisible_keys():
     assert probs[2].abs().max() == 0 and out[2].abs().max() == 0
     kw["labels"][1, 30:] = torch.where(kw["labels"][1, 30:] == PAD, PAD, IMAGE)  # no text key: text-only output is 0
     probs, out = check(args, kw)
-    assert out[1].abs().max() == 0 and probs[1].sum(-1).allclose(torch.ones(4))
+    assert out[1].abs().max() == 0 and probs[1].sum(-1).allclose(torch.ones(4, device=probs.device))
 
 
 def test_bad_inputs_name_the_argument():
