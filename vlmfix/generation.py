@@ -114,6 +114,18 @@ def processor_device(processor, device) -> dict[str, str]:
     return {"device": str(torch.device(device))} if isinstance(image_processor, TorchvisionBackend) else {}
 
 
+def _process(processor, images, texts, device):
+    """One left-padded processor call (images on the model's GPU where they can be)."""
+    return processor(
+        images=images,
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        **processor_device(processor, device),
+    )
+
+
 def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = True, device=None, dtype=None):
     """Tokenise prompts and preprocess images as one left-padded batch.
 
@@ -127,14 +139,7 @@ def prepare_inputs(processor, images, prompts, *, apply_chat_template: bool = Tr
         raise DataError("prompts is empty; pass at least one prompt")
     pil = [_open_image(im) for im in images]
     texts = [build_prompt(processor, p) if apply_chat_template else p for p in prompts]
-    inputs = processor(
-        images=pil,
-        text=texts,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        **processor_device(processor, device),
-    )
+    inputs = _process(processor, pil, texts, device)
     if device is not None:
         inputs = inputs.to(device)
     if dtype is not None and "pixel_values" in inputs:
@@ -193,14 +198,7 @@ def prepare_rows(
         texts.extend(_row_text(processor, p, spec, apply_chat_template) for p in prompts)
         if spec is None or spec.with_image:
             row_images.extend(pil)
-    inputs = processor(
-        images=row_images,
-        text=texts,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        **processor_device(processor, device),
-    )
+    inputs = _process(processor, row_images, texts, device)
     if device is not None:
         inputs = inputs.to(device)
     pixels = inputs["pixel_values"]
