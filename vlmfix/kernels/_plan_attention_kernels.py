@@ -8,10 +8,9 @@ Rows start at a finite running max (``_M_INIT``) so that a tile with no visible 
 Block sizes are fixed, not autotuned (they were chosen without a GPU to tune on, checking
 only that the sm_90 build does not spill registers, see tests/kernels/gpu_compile.py):
 prefill tiles of 128 query rows x 64 keys with 8 warps and 3 pipeline stages, the usual
-choice for flash attention on H100-class GPUs at D <= 128; 64 x 64 with 4 warps when
-128-row tiles would give fewer programs than twice the GPU's multiprocessors (short
-prompts), and under the interpreter; with reweighting, whose one pass keeps three output
-accumulators, 64 x 64 with 8 warps and 2 stages. Decode tiles hold up to 64
+choice for flash attention on H100-class GPUs at D <= 128 (2 stages with reweighting, whose
+two sweeps need more registers); 64 x 64 with 4 warps when 128-row tiles would give fewer
+programs than twice the GPU's multiprocessors (short prompts), and under the interpreter. Decode tiles hold up to 64
 query rows (32 with reweighting's three accumulators) of the query heads of one KV head,
 padded to at least 16 rows for ``tl.dot``, against 64 keys; the number of key slices fills
 the GPU about twice over.
@@ -128,12 +127,15 @@ def _prefill_ranges_kernel(
 @triton.jit
 def _sweep(
     q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-    lo, hi, Tk, qk_scale, m_i, l_i, acc,
+    lo, hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest,
     offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, HAS_PRE: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_PRE: tl.constexpr, HAS_RW: tl.constexpr, SECOND: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Keys ``[lo, hi)`` of one query tile: the online softmax state and output. MASKED=False
-    for tiles every row sees in full: no visibility masks and no bounds checks."""
+    """Keys ``[lo, hi)`` of one query tile. First sweep: online softmax state (with HAS_RW
+    the per-segment sums only). SECOND (reweighting): accumulate ``c_seg * exp2(z - m)``
+    with the final row max ``m_i``. MASKED=False for tiles every row sees in full: no
+    visibility masks and no bounds checks."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
@@ -143,8 +145,10 @@ def _sweep(
             kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
                          other=0.0)
         elif D == BLOCK_D:  # a full tile of a power-of-two head dim: no masks at all
+            lab = tl.load(Labels + lab_base + offs_n)
             kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None])
         else:
+            lab = tl.load(Labels + lab_base + offs_n)
             kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         z = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if HAS_PRE:
@@ -153,80 +157,33 @@ def _sweep(
         if MASKED:
             kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0).to(tl.int32)
             z = tl.where((lab != PAD)[None, :] & (kpos[None, :] <= qpos[:, None]), z, float("-inf"))
+        if MASKED:
             vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                          other=0.0)
         elif D == BLOCK_D:
             vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :])
         else:
             vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _sweep_rw(
-    q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-    lo, hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, acc_i, acc_s,
-    offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, HAS_PRE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Keys ``[lo, hi)`` of one query tile with reweighting, in one pass: the online softmax
-    state, the per-segment sums, and three running outputs: every key (``acc``), the image
-    keys (``acc_i``) and the image sinks (``acc_s``). A tile of image keys only adds the same
-    product to ``acc`` and ``acc_i``; a tile without image keys or without sinks skips that
-    product, so most tiles cost one ``p @ v`` as without reweighting."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        d_ok = offs_d < D
-        if MASKED:
-            lab = tl.load(Labels + lab_base + offs_n, mask=n_ok, other=PAD)
-            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                         other=0.0)
-            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-        elif D == BLOCK_D:
-            lab = tl.load(Labels + lab_base + offs_n)
-            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None])
-            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :])
+        if SECOND:
+            w = tl.where((lab == IMAGE_SINK)[None, :], c_sink[:, None],
+                         tl.where((lab == IMAGE)[None, :], c_rest[:, None], 1.0))
+            p = tl.exp2(z - m_i[:, None]) * w
+            acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         else:
-            lab = tl.load(Labels + lab_base + offs_n)
-            kt = tl.load(K + k_base + offs_n[None, :] * skt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            vt = tl.load(V + v_base + offs_n[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        z = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if HAS_PRE:
-            coef = tl.load(coef_ptr + offs_n, mask=n_ok, other=0.0)
-            z = tl.where(pre_row[:, None], z + coef[None, :] * tl.abs(z), z)
-        if MASKED:
-            kpos = tl.load(KPos + kpos_base + offs_n, mask=n_ok, other=0).to(tl.int32)
-            z = tl.where((lab != PAD)[None, :] & (kpos[None, :] <= qpos[:, None]), z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        is_s = lab == IMAGE_SINK
-        is_i = is_s | (lab == IMAGE)
-        l_s = l_s * alpha + tl.sum(tl.where(is_s[None, :], p, 0.0), axis=1)
-        l_r = l_r * alpha + tl.sum(tl.where((lab == IMAGE)[None, :], p, 0.0), axis=1)
-        l_t = l_t * alpha + tl.sum(tl.where(is_i[None, :], 0.0, p), axis=1)
-        acc = acc * alpha[:, None]
-        acc_i = acc_i * alpha[:, None]
-        acc_s = acc_s * alpha[:, None]
-        pv = tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-        acc += pv
-        n_img = tl.sum(is_i.to(tl.int32), axis=0)
-        if n_img == BLOCK_N:
-            acc_i += pv
-        elif n_img > 0:
-            acc_i += tl.dot(tl.where(is_i[None, :], p, 0.0).to(vt.dtype), vt, input_precision=DOT_PREC)
-        if tl.sum(is_s.to(tl.int32), axis=0) > 0:
-            acc_s += tl.dot(tl.where(is_s[None, :], p, 0.0).to(vt.dtype), vt, input_precision=DOT_PREC)
-        m_i = m_new
-    return m_i, l_t, l_s, l_r, acc, acc_i, acc_s
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(z - m_new[:, None])
+            if HAS_RW:
+                is_s = (lab == IMAGE_SINK)[None, :]
+                is_r = (lab == IMAGE)[None, :]
+                l_s = l_s * alpha + tl.sum(tl.where(is_s, p, 0.0), axis=1)
+                l_r = l_r * alpha + tl.sum(tl.where(is_r, p, 0.0), axis=1)
+                l_t = l_t * alpha + tl.sum(tl.where(is_s | is_r, 0.0, p), axis=1)
+            else:
+                l_t = l_t * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+    return m_i, l_t, l_s, l_r, acc
 
 
 @triton.jit
@@ -271,37 +228,41 @@ def _prefill_kernel(
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    c_sink = l_s
+    c_rest = l_s
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+        True, HAS_PRE, HAS_RW, False, DOT_PREC)
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+        False, HAS_PRE, HAS_RW, False, DOT_PREC)
+    m_i, l_t, l_s, l_r, acc = _sweep(
+        q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+        f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+        True, HAS_PRE, HAS_RW, False, DOT_PREC)
+
     if HAS_RW:
-        # One pass: O' = (A_all + (c_rest - 1) A_img + (c_sink - c_rest) A_sink) / L, which is
-        # A_text + c_sink A_sink + c_rest A_rest over L.
-        acc_i = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i, l_t, l_s, l_r, acc, acc_i, acc_s = _sweep_rw(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, acc_i, acc_s, offs_d, D, BLOCK_N, BLOCK_D,
-            True, HAS_PRE, DOT_PREC)
-        m_i, l_t, l_s, l_r, acc, acc_i, acc_s = _sweep_rw(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, acc_i, acc_s, offs_d, D, BLOCK_N, BLOCK_D,
-            False, HAS_PRE, DOT_PREC)
-        m_i, l_t, l_s, l_r, acc, acc_i, acc_s = _sweep_rw(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, acc_i, acc_s, offs_d, D, BLOCK_N, BLOCK_D,
-            True, HAS_PRE, DOT_PREC)
+        # Second sweep: the row max and the segment sums are final, so every key's weight
+        # c_seg * exp2(z - m) / L is known and one accumulator suffices.
         rows_rw = tl.load(RwRows + b * srwb + offs_m, mask=m_ok, other=0) != 0
         sel, c_sink, c_rest, Ls = _var_coefs(rows_rw, l_t, l_s, l_r, rw_p, rw_rho, rw_min_mass)
         tl.store(Sel + b * ssb + h * ssh + offs_m, sel.to(tl.uint8), mask=m_ok)
-        out = (acc + (c_rest - 1.0)[:, None] * acc_i + (c_sink - c_rest)[:, None] * acc_s) / Ls[:, None]
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            0, f_lo, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+            True, HAS_PRE, HAS_RW, True, DOT_PREC)
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            f_lo, f_hi, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+            False, HAS_PRE, HAS_RW, True, DOT_PREC)
+        m_i, l_t, l_s, l_r, acc = _sweep(
+            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
+            f_hi, n_end, Tk, qk_scale, m_i, l_t, l_s, l_r, acc, c_sink, c_rest, offs_d, D, BLOCK_N, BLOCK_D,
+            True, HAS_PRE, HAS_RW, True, DOT_PREC)
+        out = acc / Ls[:, None]
     else:
-        m_i, l_t, acc = _sweep(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            0, f_lo, Tk, qk_scale, m_i, l_t, acc, offs_d, D, BLOCK_N, BLOCK_D, True, HAS_PRE, DOT_PREC)
-        m_i, l_t, acc = _sweep(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_lo, f_hi, Tk, qk_scale, m_i, l_t, acc, offs_d, D, BLOCK_N, BLOCK_D, False, HAS_PRE, DOT_PREC)
-        m_i, l_t, acc = _sweep(
-            q, qpos, pre_row, K, V, k_base, v_base, skt, svt, Labels, lab_base, KPos, kpos_base, coef_ptr,
-            f_hi, n_end, Tk, qk_scale, m_i, l_t, acc, offs_d, D, BLOCK_N, BLOCK_D, True, HAS_PRE, DOT_PREC)
         out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
     if HAS_HS:
         out = out * tl.load(HeadScale + b * shsb + h)
@@ -495,7 +456,7 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
     use_decode = path == "decode" or (path == "auto" and tq <= decode_max_q)
 
     if not use_decode:
-        block_m, block_n = (64, 64) if interp else ((64, 32) if has_rw else (128, 64))  # reweighting: 3 accumulators
+        block_m, block_n = (64, 64) if interp else (128, 64)
         if not interp and q.device.type == "cuda" and triton.cdiv(tq, 128) * b * h < 2 * _sm_count(q.device.index or 0):
             block_m = 64  # short prompts: 64-row tiles give the GPU twice as many programs (shapes only)
         n_qtiles = triton.cdiv(tq, block_m)
@@ -513,8 +474,7 @@ def plan_launches(q, k, v, labels, q_pos, k_pos, scale, pre_rows, pre_coef, rw_r
         )
         meta = dict(
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_PRE=has_pre, HAS_RW=has_rw, HAS_HS=has_hs,
-            DOT_PREC=dot_prec, num_warps=4 if block_m == 64 and not has_rw else 8,
-            num_stages=1 if interp else (2 if has_rw else 3),
+            DOT_PREC=dot_prec, num_warps=4 if block_m == 64 else 8, num_stages=1 if interp else (2 if has_rw else 3),
         )
         return out, selected, [
             (_prefill_ranges_kernel, (n_qtiles, b), ranges_args, ranges_meta),

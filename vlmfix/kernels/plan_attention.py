@@ -17,11 +17,9 @@ The plan's parts, in the order they apply (DESIGN.md §5):
 
 Two paths execute the plan. Prefill: a small kernel finds, per query tile, the key tiles
 that every row sees in full and the last tile any row may see; the main kernel runs an
-online softmax over key tiles, without masks on the full ones; with reweighting it keeps,
-in the same single pass, the per-segment sums and three running outputs (every key, the
-image keys, the image sinks), and combines them with the segment factors at the end
-(``O' = (A_all + (c_rest - 1) A_img + (c_sink - c_rest) A_sink) / L``); a tile of image keys
-only reuses its ``p @ v`` for both, and tiles without image keys or sinks skip theirs. Decode (``Tq <= DECODE_MAX_Q``): split-KV; each program handles the
+online softmax over key tiles, without masks on the full ones; with reweighting it sweeps
+the keys twice (first the row max and segment sums, then the reweighted output), so one
+accumulator suffices. Decode (``Tq <= DECODE_MAX_Q``): split-KV; each program handles the
 query rows of the query heads of one KV head over one slice of the keys and writes partial
 ``(m, l_s, A_s)``; a second kernel merges the slices with log-sum-exp rescaling. Launch
 grids depend on shapes only (no host sync), so both paths can be captured in CUDA graphs.
