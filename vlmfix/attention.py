@@ -173,13 +173,7 @@ class Controller:
         """Telemetry of a captured decode step that ran ``n`` more times than Python ran it
         (CUDA graph replays): the last forward's edit counts, and each method's
         :meth:`~vlmfix.methods.Method.replayed`."""
-        if n <= 0:
-            return
-        for name, index in self._last_marked.items():
-            if index == self.forward_index:
-                self.edited_forwards[name]["decode"] += n
-        for m in self.methods:
-            m.replayed(n)
+        self.account_reused(self.marked_last_forward(), n)
 
     def marked_last_forward(self) -> tuple[str, ...]:
         """The methods that edited attention in the last forward (host-side)."""

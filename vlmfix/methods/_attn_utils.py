@@ -184,11 +184,15 @@ class DecodeRowCount:
         self._seqs: dict[int, list] = {}
         self._last: tuple[int, list, int] | None = None  # (forward, entry, row-heads added in it)
 
-    def add(self, layout, row_heads: int, forward: int = -1) -> None:
+    def _entry(self, layout) -> list:
         entry = self._seqs.get(id(layout.image_end))
         if entry is None:
             ends = layout.image_end
             entry = self._seqs[id(ends)] = [ends, (ends >= 0).sum(), 0]
+        return entry
+
+    def add(self, layout, row_heads: int, forward: int = -1) -> None:
+        entry = self._entry(layout)
         entry[2] += row_heads
         if self._last is not None and self._last[0] == forward and self._last[1] is entry:
             self._last = (forward, entry, self._last[2] + row_heads)
@@ -203,9 +207,7 @@ class DecodeRowCount:
     def expect(self, layout, row_heads: int) -> None:
         """Count nothing yet, but let :meth:`repeat_last_forward` count forwards of
         ``row_heads`` over ``layout``'s samples (a reused captured decode step)."""
-        ends = layout.image_end
-        entry = self._seqs.setdefault(id(ends), [ends, (ends >= 0).sum(), 0])
-        self._last = (-1, entry, row_heads)
+        self._last = (-1, self._entry(layout), row_heads)
 
     def repeat_last_forward(self, n: int) -> None:
         """Count the row-heads of the last forward ``n`` more times (CUDA graph replays)."""
