@@ -19,26 +19,23 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import vlmfix
-from vlmfix.bench.models import build_llava_7b, make_batch
-from vlmfix.generation import prepare_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark modules, script use only
+
+import bench_contrastive as bc  # noqa: E402
+
+import vlmfix  # noqa: E402
+from vlmfix.bench.models import build_llava_7b, make_batch  # noqa: E402
+from vlmfix.generation import prepare_inputs  # noqa: E402
 
 
 def timed(fn, repeats, device):
-    fn()
-    out = []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
+    """Median ms of ``fn()`` over ``repeats`` synchronised calls after a warm-up."""
+    return bc.measure(fn, device, repeats)[0] * 1e3
 
 
 def torch_profile(model, processor, images, prompts, methods, label):
