@@ -58,6 +58,12 @@ def _launch(samples, out, world, models, **kw):
         except BaseException as exc:  # collected for the test
             results[rank] = exc
 
+    _run_ranks(world, target)
+    return results
+
+
+def _run_ranks(world: int, target) -> None:
+    """Run ``target(rank)`` for every rank, each in a thread, as one launch."""
     # Threads share one process start time, so a start file left by the previous launch
     # would look fresh to them (processes started later reject it): pin this launch's id.
     os.environ["VLMFIX_RUN_ID"] = uuid.uuid4().hex
@@ -69,7 +75,6 @@ def _launch(samples, out, world, models, **kw):
             t.join(timeout=60)
     finally:
         del os.environ["VLMFIX_RUN_ID"]
-    return results
 
 
 def test_two_ranks_give_the_file_of_one_process(tmp_path):
@@ -152,14 +157,6 @@ def test_caption_ranks_started_late_do_not_take_this_launchs_parts_for_leftovers
         except BaseException as exc:  # collected for the test
             results[r] = exc
 
-    os.environ["VLMFIX_RUN_ID"] = uuid.uuid4().hex
-    try:
-        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        del os.environ["VLMFIX_RUN_ID"]
+    _run_ranks(2, rank)
     assert results[0] == {"done": 5, "errors": 0, "skipped": 0, "retried": 0}, results
     assert [r["path"] for r in read_jsonl(out)] == [str(f) for f in files]
