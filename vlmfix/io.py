@@ -26,6 +26,7 @@ __all__ = [
     "done_keys",
     "drop_records",
     "check_writable",
+    "shipped_yaml",
 ]
 
 
@@ -57,6 +58,15 @@ def repair_jsonl(path: str | os.PathLike) -> int:
         with open(path, "r+b") as fh:
             fh.truncate(keep)
     return removed
+
+
+def shipped_yaml(spec: str | os.PathLike, directory: Path) -> Path:
+    """``spec`` as a path, or ``directory/<spec>.yaml`` when ``spec`` is a bare name (no
+    suffix, no such file here) of a YAML file shipped there (presets, suites, tasks)."""
+    path = Path(spec)
+    if not path.exists() and not path.suffix and (directory / f"{path}.yaml").is_file():
+        return directory / f"{path}.yaml"
+    return path
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -149,12 +149,10 @@ def load_suite(spec: str | os.PathLike | None = None) -> Suite:
     """
     import yaml
 
-    from vlmfix.io import read_text
+    from vlmfix.io import read_text, shipped_yaml
 
     spec = DEFAULT_SUITE if spec is None else spec
-    path = Path(spec)
-    if not path.exists() and not path.suffix and (SUITE_DIR / f"{path}.yaml").is_file():
-        path = SUITE_DIR / f"{path}.yaml"
+    path = shipped_yaml(spec, SUITE_DIR)
     if not path.is_file():
         raise ConfigError(
             f"bench suite {str(spec)!r} not found; give a YAML file or a shipped suite ({', '.join(shipped_suites())})"

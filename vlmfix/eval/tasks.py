@@ -35,10 +35,9 @@ def load_task_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     """
     import yaml
 
-    p = Path(path)
-    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").exists():
-        p = CONFIG_DIR / f"{p}.yaml"
-    p = p.resolve()
+    from vlmfix.io import shipped_yaml
+
+    p = shipped_yaml(path, CONFIG_DIR).resolve()
     if not p.is_file():
         known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
         raise ConfigError(f"task config {path} not found; give a YAML file or one of {known}")

@@ -96,9 +96,9 @@ def from_yaml(path: str | Path) -> list[MethodConfig]:
     """
     import yaml
 
-    path = Path(path)
-    if not path.exists() and not path.suffix and (PRESET_DIR / f"{path}.yaml").is_file():
-        path = PRESET_DIR / f"{path}.yaml"
+    from vlmfix.io import shipped_yaml
+
+    path = shipped_yaml(path, PRESET_DIR)
     if not path.exists():
         raise ConfigError(
             f"method config file {str(path)!r} does not exist; give a YAML file or a shipped preset "
