@@ -123,6 +123,17 @@ def test_shipped_suites():
     assert tiny.models == ("tiny",) and tiny.batch_sizes == (1, 2) and tiny.new_tokens == 4 and tiny.repeats == 1
 
 
+def test_the_benchmark_suites_in_the_repo_are_valid():
+    """The suites that docs/benchmarks.md runs by path (benchmarks/suites/*.yaml)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+    suites = {p.stem: load_suite(str(p)) for p in sorted(folder.glob("*.yaml"))}
+    assert {"methods-reference", "methods-next"} <= set(suites)
+    assert suites["methods-reference"].backend == "reference"
+    assert suites["methods-next"].models == ("llava-next-7b",) and suites["methods-next"].batch_sizes == (2,)
+
+
 def test_load_suite_errors(tmp_path):
     with pytest.raises(ConfigError, match="shipped suite.*decode"):
         load_suite("nope")
