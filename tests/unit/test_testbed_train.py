@@ -12,7 +12,7 @@ import torch
 from vlmfix.errors import ConfigError
 from vlmfix.testbed import catalog as cat
 from vlmfix.testbed import scenes
-from vlmfix.testbed.processing import VOCAB, build_processor, prompt_text
+from vlmfix.testbed.processing import VOCAB, build_processor, normalize, prompt_text
 from vlmfix.testbed.train import PromptTable, TrainConfig, caption_answers, make_batch
 
 transformers = pytest.importorskip("transformers")
@@ -109,3 +109,64 @@ def test_smoke_training_saves_a_loadable_hf_folder(smoke_folder):
     enc = processor(text=[prompt_text(processor, "describe the image.")], images=[s.image], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_two_stage_config_validation():
+    with pytest.raises(ConfigError, match="blind_steps"):
+        TrainConfig(steps=10, blind_steps=10)
+    with pytest.raises(ConfigError, match="finetune_lr"):
+        TrainConfig(steps=10, finetune_lr=1e-3)  # needs a blind stage to follow
+    with pytest.raises(ConfigError, match="save_at"):
+        TrainConfig(steps=10, save_at=(10,))
+    TrainConfig(steps=10, blind_steps=4, finetune_lr=1e-3, save_at=(4, 9))
+
+
+def test_lr_schedule_of_two_stages():
+    from vlmfix.testbed.train import _lr_at
+
+    one = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    two = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1, blind_steps=40, finetune_lr=2e-4,
+                      finetune_warmup=5)  # fmt: skip
+    assert _lr_at(99, one) == pytest.approx(1e-4, rel=0.05)  # one cosine down to min at the end
+    assert _lr_at(39, two) == pytest.approx(1e-4, rel=0.05)  # the first stage's cosine ends at blind_steps
+    assert [_lr_at(k, two) for k in (40, 44)] == pytest.approx([2e-4 / 5, 2e-4])  # warmup, then constant
+    assert _lr_at(99, two) == _lr_at(44, two)
+    # a run of the same recipe with fewer steps has the same schedule up to its end
+    shorter = TrainConfig(**{**two.__dict__, "steps": 60})
+    assert [_lr_at(k, shorter) for k in range(60)] == [_lr_at(k, two) for k in range(60)]
+
+
+def test_blind_batches_show_empty_backgrounds_and_prompt_loss_scores_the_prompt(table):
+    b = scenes.sample(0, range(16))
+    cfg = TrainConfig()
+    seen, blind = make_batch(b, table, cfg), make_batch(b, table, cfg, blind=True)
+    assert torch.equal(seen.input_ids, blind.input_ids) and torch.equal(seen.targets, blind.targets)
+    flat = blind.pixel_values.flatten(2)
+    assert torch.equal(flat.amax(2), flat.amin(2))  # one grey level per channel: no glyph drawn
+    bg = normalize(b.bg.to(torch.uint8)[:, None, None, None].expand(-1, 1, 1, 3)).flatten(1)
+    assert torch.allclose(flat[:, :, 0], bg)  # the scene's own background level
+    assert not torch.equal(seen.pixel_values, blind.pixel_values)
+    scored = make_batch(b, table, TrainConfig(prompt_loss=True), blind=True).targets
+    ids = seen.input_ids
+    in_prompt = (seen.targets == -100) & (ids != VOCAB["<pad>"])
+    assert torch.equal(scored[~in_prompt], seen.targets[~in_prompt])  # answers scored as before
+    text = in_prompt & (ids != VOCAB["<image>"])
+    assert torch.equal(scored[text], ids[text]) and (scored[ids == VOCAB["<image>"]] == -100).all()
+
+
+def test_a_snapshot_is_the_model_of_the_shorter_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from vlmfix.testbed.train import train
+
+    kw = {"batch_size": 4, "warmup_steps": 2, "blind_steps": 2, "finetune_lr": 1e-3, "finetune_warmup": 2,
+          "chunk_steps": 2, "device": "cpu", "log_every": 1}  # fmt: skip
+    train(TrainConfig(steps=5, save_at=(3,), **kw), tmp_path / "long")
+    train(TrainConfig(steps=3, **kw), tmp_path / "short")
+    snap = load_file(tmp_path / "long" / "step-3" / "model.safetensors")
+    short = load_file(tmp_path / "short" / "model.safetensors")
+    assert snap.keys() == short.keys() and all(torch.equal(snap[k], short[k]) for k in snap)
+    meta = json.loads((tmp_path / "long" / "step-3" / "testbed.json").read_text())
+    assert meta["steps_done"] == 3 and meta["config"]["steps"] == 5
+    final = load_file(tmp_path / "long" / "model.safetensors")
+    assert any(not torch.equal(final[k], snap[k]) for k in snap)

@@ -57,9 +57,11 @@ def test_attention_sink_arch_can_exceed_the_paper_tau():
 
 def test_variant_recipes():
     sink = TrainConfig.for_variant("attention_sink")
-    assert sink.steps == 2 * TrainConfig().steps and sink.weight_decay == 0.1
-    assert TrainConfig.for_variant("attention_sink", steps=10).steps == 10
-    assert TrainConfig.for_variant("under_attention").steps == TrainConfig().steps
+    assert sink.weight_decay == 0.1 and sink.prompt_loss and 0 < sink.blind_steps < sink.steps
+    assert TrainConfig.for_variant("attention_sink", steps=6010).steps == 6010
+    ua = TrainConfig.for_variant("under_attention")
+    assert (ua.blind_steps, ua.finetune_lr, ua.steps) == (600, 5e-4, 4600) and not ua.prompt_loss
+    assert TrainConfig.for_variant("clean").blind_steps == 0
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ count, timings) and, with ``--measure``, ``metrics.json`` (see :mod:`.measure`).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -60,14 +61,27 @@ _BUDGET_PROBE = (10, 40)  # steps timed to size a run to time_budget_s
 _MAX_ANSWER = 3 * 8 + 2  # up to 8 named objects: "a x" + 7 x "and a x" + "." + "</s>"
 
 
-# Per-variant recipe overrides of TrainConfig's defaults (testbed v2, issue 17). The
-# attention-sink study (Gu et al., "When Attention Sink Emerges in Language Models", ICLR
-# 2025) finds sinks emerge after effective optimisation on enough data, with softmax
-# attention and a fixed first token, and grow with weight decay; so attention_sink trains
-# twice as long (2 x 2888 steps, ~3M sequences) with weight decay 0.1 and a longer warmup
-# for the wider LM. Every sequence starts with the same <s> "USER:" tokens.
+# Per-variant recipe overrides of TrainConfig's defaults (testbed v2, issue 17).
+#
+# under_attention: a text-only first stage, then vision. For 600 steps every image is the
+# scene's empty background, so the LM learns the captions' prior ("A => B") before it can
+# see, as an LLM does before visual instruction tuning; then 4000 steps with images at a
+# constant lr of 5e-4. Stopped there (recall ~95%), the model reads the image less than the
+# v1 models do and names absent partners; trained on, it outgrows the disease (docs/testbed.md
+# has the trajectory). The constant second-stage lr makes a snapshot at step k the same
+# model as a run with steps=k.
+#
+# attention_sink: the attention-sink study (Gu et al., "When Attention Sink Emerges in
+# Language Models", ICLR 2025) finds sinks emerge after effective optimisation on enough
+# data with softmax attention and a fixed first token, and grow with weight decay and
+# learning rate; so a long text-only stage scored on every text token (LM pretraining) at
+# lr 3e-3 and weight decay 0.1, then images. Neither attempt produced massive activations.
 VARIANT_RECIPES: dict[str, dict[str, Any]] = {
-    "attention_sink": {"steps": 5776, "weight_decay": 0.1, "warmup_steps": 300},
+    "under_attention": {"blind_steps": 600, "finetune_lr": 5e-4, "steps": 4600},
+    "attention_sink": {
+        "blind_steps": 6000, "prompt_loss": True, "lr": 3e-3, "finetune_lr": 1e-3, "steps": 8000,
+        "weight_decay": 0.1, "warmup_steps": 300,
+    },  # fmt: skip
 }
 
 
@@ -93,6 +107,11 @@ class TrainConfig:
     time_limit_s: float | None = None
     time_budget_s: float | None = None
     device: str = "auto"
+    blind_steps: int = field(default=0, metadata={"help": "first steps on blank images (a text-only LM stage)"})
+    finetune_lr: float | None = field(default=None, metadata={"help": "constant lr after blind_steps (None: one cosine)"})
+    finetune_warmup: int = 50
+    prompt_loss: bool = False
+    save_at: tuple[int, ...] = ()
 
     @classmethod
     def for_variant(cls, variant: str, **overrides: Any) -> TrainConfig:
@@ -111,6 +130,17 @@ class TrainConfig:
             raise ConfigError(f"time_budget_s needs warmup_steps >= {_BUDGET_PROBE[1]} (steps are fixed during warmup)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr!r} must be > 0")
+        if not 0 <= self.blind_steps < self.steps:
+            raise ConfigError(
+                f"blind_steps={self.blind_steps!r} must lie in [0, steps={self.steps}): the run needs image steps"
+            )
+        if self.finetune_lr is not None and (self.finetune_lr <= 0 or not self.blind_steps):
+            raise ConfigError(f"finetune_lr={self.finetune_lr!r} needs blind_steps > 0 and must be > 0")
+        if self.finetune_warmup < 1:
+            raise ConfigError(f"finetune_warmup={self.finetune_warmup!r} must be >= 1")
+        bad = [k for k in self.save_at if not 0 < k < self.steps]
+        if bad:
+            raise ConfigError(f"save_at steps {bad} must lie in (0, steps={self.steps}); the last step is saved anyway")
         for name in ("caption_fraction", "pope_suffix_fraction", "long_caption_prompt_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must lie in [0, 1]")
@@ -196,8 +226,13 @@ class TrainBatch:
     prompt_rows: torch.Tensor
 
 
-def make_batch(batch: scenes.SceneBatch, table: PromptTable, cfg: TrainConfig) -> TrainBatch:
-    """Training tensors for one batch of scenes (one sequence per scene)."""
+def make_batch(batch: scenes.SceneBatch, table: PromptTable, cfg: TrainConfig, *, blind: bool = False) -> TrainBatch:
+    """Training tensors for one batch of scenes (one sequence per scene).
+
+    ``blind``: every image is the scene's empty background (no glyphs), as in the text-only
+    stage of a ``blind_steps`` recipe; the texts are the scenes' own. ``cfg.prompt_loss``
+    adds the prompt's text tokens (not ``<image>``) to the loss, as in LM pretraining.
+    """
     dev = batch.indices.device
     n = len(batch)
     rng = scenes.HashRng(cfg.seed ^ 0x5EED, batch.indices)
@@ -229,14 +264,25 @@ def make_batch(batch: scenes.SceneBatch, table: PromptTable, cfg: TrainConfig) -
     p_ids = table.ids[prow].gather(1, t.clamp(max=table.ids.shape[1] - 1).expand(n, -1))
     a_ids = ans.gather(1, (t - p_len[:, None]).clamp(0, ans.shape[1] - 1))
     ids = torch.where(in_prompt, p_ids, a_ids).masked_fill(~valid, VOCAB["<pad>"])
-    targets = ids.masked_fill(in_prompt | ~valid, _IGNORE)
-    return TrainBatch(ids, targets, normalize(scenes.render(batch)), prow)
+    unscored = ~valid | (in_prompt & ((ids == VOCAB["<image>"]) | (not cfg.prompt_loss)))
+    targets = ids.masked_fill(unscored, _IGNORE)
+    if blind:
+        images = batch.bg.to(torch.uint8)[:, None, None, None].expand(-1, cat.IMAGE_SIZE, cat.IMAGE_SIZE, 3)
+    else:
+        images = scenes.render(batch)
+    return TrainBatch(ids, targets, normalize(images), prow)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warmup then cosine to ``min_lr_ratio * lr`` at ``steps``; with ``finetune_lr``, the
+    cosine ends at ``blind_steps`` and the image stage warms up to a constant ``finetune_lr``
+    (so a snapshot at step k is the same model as a run of ``steps=k``)."""
+    if cfg.finetune_lr is not None and step >= cfg.blind_steps:
+        return cfg.finetune_lr * min(1.0, (step - cfg.blind_steps + 1) / cfg.finetune_warmup)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    end = cfg.blind_steps if cfg.finetune_lr is not None else cfg.steps
+    frac = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
@@ -252,7 +298,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     Returns:
         The run summary also written to ``out/testbed.json``.
     """
-    from vlmfix.testbed.modeling import arch_for, build_model, count_parameters
+    from vlmfix.testbed.modeling import arch_for, build_model
 
     cfg = replace(cfg)  # time_budget_s may lower steps; keep the caller's object intact
     steps_requested = cfg.steps
@@ -285,11 +331,12 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     chunk: list = []
     while step < cfg.steps:
         if not chunk:
-            k = min(cfg.chunk_steps, cfg.steps - step)
+            blind = step < cfg.blind_steps
+            k = min(cfg.chunk_steps, (cfg.blind_steps if blind else cfg.steps) - step)
             lo = step * cfg.batch_size
             idx = torch.arange(lo, lo + k * cfg.batch_size, device=dev)
             sb = scenes.sample(cfg.seed, idx, variant=cfg.variant, strength=cfg.strength)
-            tb = make_batch(sb, table, cfg)
+            tb = make_batch(sb, table, cfg, blind=blind)
             chunk = list(zip(*(t.split(cfg.batch_size) for t in (tb.input_ids, tb.targets, tb.pixel_values))))
         ids, tgt, pix = chunk.pop(0)
         for g in opt.param_groups:
@@ -320,7 +367,12 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
                         cfg.time_budget_s,
                         cfg.steps,
                     )
-                    cfg.steps = max(fit, cfg.warmup_steps + 1)
+                    cfg.steps = max(fit, cfg.warmup_steps + 1, cfg.blind_steps + 1)
+        if step in cfg.save_at and step < cfg.steps:
+            snap = out / f"step-{step}"
+            _save(copy.deepcopy(model), processor, snap, log_rows)
+            _write_summary(snap, cfg, arch, model, steps_requested, step, False, time.perf_counter() - t0, log_rows)
+            logger.info("snapshot at step %d -> %s", step, snap)
         if step % cfg.log_every == 0 or step == cfg.steps:
             n_avg = step % cfg.log_every or cfg.log_every
             elapsed = time.perf_counter() - t0
@@ -332,8 +384,13 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
                 logger.warning("time limit %.0fs reached at step %d of %d; stopping", cfg.time_limit_s, step, cfg.steps)
                 stopped_early = True
                 break
-    train_s = time.perf_counter() - t0
+    _save(model, processor, out, log_rows)
+    return _write_summary(out, cfg, arch, model, steps_requested, step, stopped_early, time.perf_counter() - t0, log_rows)
 
+
+def _save(model: torch.nn.Module, processor: Any, out: Path, log_rows: list[dict[str, Any]]) -> None:
+    """Write ``model`` (cast to fp16 in place), the processor and the training log so far."""
+    out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
@@ -341,8 +398,18 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         w = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
         w.writeheader()
         w.writerows(log_rows)
+
+
+def _write_summary(
+    out: Path, cfg: TrainConfig, arch: dict[str, Any], model: torch.nn.Module, steps_requested: int,
+    step: int, stopped_early: bool, train_s: float, log_rows: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """``testbed.json`` of a model saved after ``step`` steps (a snapshot: ``steps_done < steps``)."""
     import transformers
 
+    from vlmfix.testbed.modeling import count_parameters
+
+    dev = next(model.parameters()).device
     summary = {
         "variant": cfg.variant,
         "strength": scenes.resolve_strength(cfg.variant, cfg.strength),
@@ -370,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default=defaults.variant, choices=cat.VARIANTS)
     ap.add_argument("--out", required=True, help="output folder (HF model + processor)")
     ap.add_argument("--strength", type=float, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="default: the variant's recipe (2888; attention_sink 5776)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="default: the variant's recipe (2888; under_attention 4600; attention_sink 8000)"
+    )
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
     ap.add_argument("--lr", type=float, default=None, help=f"default: the variant's recipe ({defaults.lr})")
     ap.add_argument("--seed", type=int, default=defaults.seed)
@@ -381,14 +450,29 @@ def main(argv: list[str] | None = None) -> int:
         "--time-budget", type=float, default=None,
         help="time steps 10..40, then lower --steps to what fits this many seconds (recorded in testbed.json)",
     )  # fmt: skip
+    ap.add_argument("--blind-steps", type=int, default=None, help="first steps on blank images (default: the recipe's)")
+    ap.add_argument("--finetune-lr", type=float, default=None, help="constant lr of the image stage after --blind-steps")
+    ap.add_argument("--prompt-loss", action="store_true", default=None, help="also score the prompt's text tokens")
+    ap.add_argument("--save-at", type=int, nargs="*", default=None, help="also save snapshots after these steps")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (4 steps of 4) to check the pipeline")
     ap.add_argument("--measure", action="store_true", help="evaluate on held-out scenes, write metrics.json")
     ap.add_argument("--measure-n", type=int, default=500, help="held-out scenes per split for --measure")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     recipe = TrainConfig.for_variant(args.variant)
+    stages = {
+        k: v
+        for k, v in {
+            "blind_steps": 2 if args.smoke and recipe.blind_steps else args.blind_steps,
+            "finetune_lr": args.finetune_lr,
+            "prompt_loss": args.prompt_loss,
+            "save_at": tuple(args.save_at) if args.save_at is not None else (3,) if args.smoke else None,
+        }.items()
+        if v is not None
+    }
     cfg = TrainConfig.for_variant(
         args.variant,
+        **stages,
         strength=args.strength,
         steps=4 if args.smoke else (args.steps or recipe.steps),
         batch_size=4 if args.smoke else args.batch_size,
@@ -410,9 +494,38 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics["summary"], indent=2))
         from vlmfix.testbed.disease import measure_folder_disease
 
-        disease = measure_folder_disease(args.out, n=4 if args.smoke else min(args.measure_n, 200), device=cfg.device)
+        n_disease = 4 if args.smoke else min(args.measure_n, 200)
+        disease = measure_folder_disease(args.out, n=n_disease, device=cfg.device)
         print(disease["markdown"])
+        trajectory = [
+            (k, measure_folder_disease(Path(args.out) / f"step-{k}", n=n_disease, device=cfg.device))
+            for k in sorted(cfg.save_at)
+            if k < summary["steps_done"]
+        ] + [(summary["steps_done"], disease)]
+        print("\n".join(["", "Snapshots (adversarial split):", _TRAJECTORY_HEADER]))
+        print("\n".join(trajectory_line(k, rec) for k, rec in trajectory))
     return 0
+
+
+_TRAJECTORY_HEADER = (
+    "| step | middle image mass % | recall % | partner rate % | CHAIR_i % | POPE acc % | "
+    "image sinks at tau=20, max over layers | BOS phi, max | massive ratio, max |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def trajectory_line(step: int, record: dict[str, Any]) -> str:
+    """One Markdown row of a snapshot's disease record (adversarial split)."""
+    adv = record["adversarial"]
+    c, p = adv["captions"], adv["pope_adversarial"]
+    tau = str(record["taus"][0])
+    sinks = max(x["value"] for x in adv["sinks"][tau]["image"])
+    phi = max(x["value"] for x in adv["bos_phi"])
+    ratio = max(x["value"] for x in adv["massive_ratio"])
+    return (
+        f"| {step} | {100 * adv['middle_image_mass']['value']:.1f} | {100 * c['recall']['value']:.1f} | "
+        f"{100 * c['partner_rate']['value']:.1f} | {100 * c['chair_i']['value']:.1f} | "
+        f"{100 * p['accuracy']['value']:.1f} | {sinks:.2f} | {phi:.1f} | {ratio:.1f} |"
+    )
 
 
 if __name__ == "__main__":
