@@ -45,6 +45,9 @@ import numpy as np
 import torch
 
 from vlmfix.errors import ConfigError
+from vlmfix.testbed.catalog import CAPTION_PROMPTS
+
+DEFAULT_PROMPT = CAPTION_PROMPTS[0]  # "describe the image."
 
 __all__ = [
     "attention_and_sinks",
@@ -242,8 +245,14 @@ def measure_disease(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     bootstrap_resamples: int = 1000,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
-    """The disease record of a testbed model (see module doc) on ``n`` scenes per split."""
+    """The disease record of a testbed model (see module doc) on ``n`` scenes per split.
+
+    ``prompt``: the caption prompt, also the one whose last row gives the image mass
+    (default "describe the image."); e.g. a distracting instruction before it measures how
+    image attention and hallucination move with it. POPE questions are unchanged.
+    """
     from vlmfix.eval.bootstrap import BootstrapSpec, bootstrap_intervals
     from vlmfix.testbed import catalog as cat
     from vlmfix.testbed import scenes
@@ -254,7 +263,9 @@ def measure_disease(
     seed = HELD_OUT_SEED if seed is None else seed
     spec = BootstrapSpec(n_resamples=bootstrap_resamples, seed=0)
     co = scenes.cooccurrence()
-    prompt = cat.CAPTION_PROMPTS[0]
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if not prompt.strip():
+        raise ConfigError("prompt is empty; pass a caption prompt such as 'describe the image.'")
     record: dict[str, Any] = {
         "config": {"n": n, "seed": seed, "prompt": prompt, "parser": PARSER, "max_new_tokens": max_new_tokens,
                    "decoding": "greedy", "attention_row": "last prompt token", "bootstrap": spec.to_dict()},
@@ -325,6 +336,8 @@ def markdown_report(record: dict[str, Any], name: str = "") -> str:
     """The disease record as Markdown tables (95% bootstrap intervals in brackets)."""
     t_paper, t_scaled = record["taus"][0], record["taus"][-1]
     lines = [f"### Disease of {name or 'the model'} (n={record['config']['n']} scenes per split, no method)", ""]
+    if record["config"]["prompt"] != DEFAULT_PROMPT:
+        lines += [f"Caption prompt: `{record['config']['prompt']}` (POPE questions unchanged).", ""]
     lines += [
         f"Per layer, adversarial split, last prompt row. Sinks: tokens per scene with phi > tau "
         f"(paper tau={t_paper}, scaled tau={t_scaled} for hidden {record['hidden_size']}; dims "
@@ -400,13 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bootstrap-resamples", type=int, default=1000)
+    ap.add_argument("--prompt", default=None, help="caption prompt (default 'describe the image.')")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace(":", "-")
     out = Path(args.out or f"runs/disease-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     model, processor = vlmfix.load(args.model, dtype="float32", device=args.device or "cpu")
     record = measure_disease(model, processor, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                             bootstrap_resamples=args.bootstrap_resamples)  # fmt: skip
+                             bootstrap_resamples=args.bootstrap_resamples, prompt=args.prompt)  # fmt: skip
     record["model"] = args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "disease.json").write_text(json.dumps(record, indent=1))
