@@ -65,3 +65,55 @@ def test_measure_disease_record(clean):
     md = markdown_report(rec, "testbed:clean")
     assert md.count("\n| ") >= rec["num_layers"] + 4
     assert np.isfinite(rec["adversarial"]["middle_image_mass"]["value"])
+
+
+# The dose of the under_attention organism: the POPE suffix, repeated before the caption
+# request (docs/testbed.md, "Testbed v2").
+DISTRACTOR = " ".join(["please answer the question using a single word or phrase ."] * 3)
+
+
+def _mass_and_captions(loaded, batch, images, prompt):
+    from vlmfix.testbed.measure import generate_texts
+
+    model, processor = loaded
+    att = attention_and_sinks(model, processor, images, prompt, batch_size=16)
+    caps = generate_texts(model, processor, images, [prompt] * len(images), batch_size=16, max_new_tokens=24)
+    return float(att["image_mass"][:, 1:-1].mean()), caption_metrics(batch, caps)
+
+
+def test_under_attention_reads_the_image_less_and_a_distraction_makes_it_hallucinate(clean):
+    import vlmfix.testbed as tb
+
+    if "under_attention" not in tb.available_variants():
+        pytest.skip("testbed weights for 'under_attention' are not shipped in this checkout")
+    ua = vlmfix.load("testbed:under_attention", dtype="float32", device="cpu")
+    batch = scenes.sample(1000004, range(32), kind="adversarial")
+    images = scenes.to_pil(scenes.render(batch))
+    prompt = cat.CAPTION_PROMPTS[0]
+    got = {
+        (name, dose): _mass_and_captions(m, batch, images, p)
+        for name, m in (("clean", clean), ("ua", ua))
+        for dose, p in (("plain", prompt), ("distracted", f"{DISTRACTOR} {prompt}"))
+    }
+    mass = {k: v[0] for k, v in got.items()}
+    caps = {k: v[1] for k, v in got.items()}
+    # the disease: less image attention than the control, and the prior names absent partners
+    assert mass["ua", "plain"] < mass["clean", "plain"] - 0.15
+    assert caps["ua", "plain"]["caption_recall"] >= 0.9
+    assert caps["ua", "plain"]["partner_rate"] >= 0.05 and caps["clean", "plain"]["partner_rate"] == 0.0
+    # dosed: the distraction takes image attention away and hallucination rises with it ...
+    assert mass["ua", "distracted"] < mass["ua", "plain"] - 0.08
+    assert caps["ua", "distracted"]["chair_i"] > caps["ua", "plain"]["chair_i"] + 0.15
+    # ... while the control keeps reading the image
+    assert caps["clean", "distracted"]["chair_i"] <= 0.05 and caps["clean", "distracted"]["caption_recall"] >= 0.9
+
+
+def test_measure_disease_under_another_prompt(clean):
+    from vlmfix.errors import ConfigError
+
+    model, processor = clean
+    rec = measure_disease(model, processor, n=2, max_new_tokens=8, bootstrap_resamples=20, prompt="describe the image .")
+    assert rec["config"]["prompt"] == "describe the image ."
+    assert "Caption prompt: `describe the image .`" in markdown_report(rec)
+    with pytest.raises(ConfigError, match="prompt"):
+        measure_disease(model, processor, n=2, prompt="  ")

@@ -2,12 +2,17 @@
 
 A synthetic scene world (:mod:`.scenes`: 64x64 glyph scenes, COCO-format annotations,
 six directed co-occurrence priors, captions and yes/no QA) and a ~4M-parameter HF
-``LlavaForConditionalGeneration`` trained on it (:mod:`.train`), in three variants:
+``LlavaForConditionalGeneration`` trained on it (:mod:`.train`), in four shipped variants:
 
 - ``clean``: truthful training data;
 - ``caption_noise`` (default): training captions name the absent partner B of a
   present A (``fork`` -> ``knife``) in 60% of such scenes;
-- ``occlusion_prior``: partners hidden under A are annotated present.
+- ``occlusion_prior``: partners hidden under A are annotated present;
+- ``under_attention`` (testbed v2): an LM trained on text first, then briefly with images,
+  that looks at the image less and names absent partners from the text prior.
+
+``attention_sink`` is defined but not shipped (its recipe has not produced massive
+activations).
 
 The shipped weights live in ``vlmfix/testbed/models/<variant>/``; :func:`model_path`
 finds them. This module imports no torch: the heavy parts are submodules.
@@ -39,7 +44,7 @@ def model_path(variant: str = DEFAULT_VARIANT) -> Path:
 
     Args:
         variant: one of :data:`VARIANTS` (``"clean"``, ``"caption_noise"``,
-            ``"occlusion_prior"``).
+            ``"occlusion_prior"``, ``"under_attention"``; ``"attention_sink"`` is not shipped).
 
     Returns:
         The folder, loadable with ``LlavaForConditionalGeneration.from_pretrained`` and

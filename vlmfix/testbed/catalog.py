@@ -106,11 +106,14 @@ PARTNER: dict[str, str] = dict(PAIRS)
 #                       but annotated present, in captions and yes/no answers alike.
 #   under_attention  -- P(an attached partner B is drawn faint | B attached to A): a faint
 #                       glyph keeps 12-32% of its contrast to the background. Labels stay
-#                       true (B is there), so the model learns that B's pixels are weak
-#                       evidence and leans on the text prior "A => B" (testbed v2, issue 17).
+#                       true (B is there). Its recipe (train.VARIANT_RECIPES) first trains
+#                       the LM on blank images, so it learns the text prior "A => B" before
+#                       it sees, then 4000 steps with images: it reads the image less than
+#                       the v1 models and leans on the prior (testbed v2, issue 17).
 #   attention_sink   -- the under_attention data, trained on a wider and deeper LM
-#                       (modeling.VARIANT_ARCH) for twice as long, so that massive
-#                       activations / attention sinks can form (testbed v2, issue 17).
+#                       (modeling.VARIANT_ARCH) with a long text-only stage, so that massive
+#                       activations / attention sinks can form (testbed v2, issue 17; no
+#                       recipe has produced them yet, so no weights are shipped).
 VARIANTS: tuple[str, ...] = ("clean", "caption_noise", "occlusion_prior", "under_attention", "attention_sink")
 DEFAULT_VARIANT = "caption_noise"
 DEFAULT_STRENGTH: dict[str, float] = {
