@@ -11,6 +11,7 @@ host waits for it).
 Usage::
 
     python benchmarks/profile_prefill.py --batch 1 8 [--cprofile]
+    python benchmarks/profile_prefill.py --batch 1 8 --methods var pai paint vhr vhr:mode=one_pass --profile-method paint
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def torch_profile(model, processor, images, prompts, methods, label):
     print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
-def profile(model, processor, device, B, repeats, cprofile=False, trace=False):
+def profile(model, processor, device, B, repeats, cprofile=False, trace=False, methods=None, profile_method=None):
     images, prompts = make_batch(B, 336)
     inputs = prepare_inputs(processor, images, prompts, device=device, dtype=torch.float16)
     rows = {}
@@ -72,6 +73,11 @@ def profile(model, processor, device, B, repeats, cprofile=False, trace=False):
         "vlmfix VisionZip 64": lambda: [vlmfix.VisionZip()],
         "vlmfix random pre-LM 64": lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
     }
+    if methods:
+        from vlmfix.testbed.results import parse_method_spec
+
+        variants = {"vlmfix plain": lambda: []}
+        variants.update({f"vlmfix {spec}": (lambda s=spec: parse_method_spec(s)) for spec in methods})
     for name, methods in variants.items():
         rows[name] = timed(
             lambda m=methods: vlmfix.generate(model, processor, images, prompts, m(), max_new_tokens=1),
@@ -80,7 +86,21 @@ def profile(model, processor, device, B, repeats, cprofile=False, trace=False):
         )
     print(f"\nbatch {B}, prompt {inputs['input_ids'].shape[1]} tokens: ms per call (median of {repeats})")
     for name, ms in rows.items():
-        print(f"  {name:32s} {ms:8.1f}")
+        ratio = f"  {ms / rows['vlmfix plain']:.2f}x plain" if name.startswith("vlmfix ") else ""
+        print(f"  {name:32s} {ms:8.1f}{ratio}")
+    if profile_method:
+        from vlmfix.testbed.results import parse_method_spec
+
+        torch_profile(model, processor, images, prompts, parse_method_spec(profile_method),
+                      f"batch {B}, {profile_method}")  # fmt: skip
+        prof = cProfile.Profile()
+        prof.enable()
+        vlmfix.generate(model, processor, images, prompts, parse_method_spec(profile_method), max_new_tokens=1)
+        torch.cuda.synchronize(device)
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
+        print("\n".join(s.getvalue().splitlines()[:36]))
     if trace:
         torch_profile(model, processor, images, prompts, [], f"batch {B}, vlmfix plain")
         torch_profile(model, processor, images, prompts, [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
@@ -103,13 +123,24 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of one VisionZip call")
     parser.add_argument("--trace", action="store_true", help="also print torch.profiler tables of plain and random")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help="time these method specs (e.g. paint var vhr:mode=one_pass) instead of the pruning rows",
+    )
+    parser.add_argument(
+        "--profile-method",
+        default=None,
+        help="print torch.profiler tables and a cProfile of one call with this method spec",
+    )
     args = parser.parse_args(argv)
     torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cuda")
     model, processor = build_llava_7b(device)
     print(f"{torch.cuda.get_device_name(device)}; image processor {type(processor.image_processor).__name__}")
     for B in args.batch:
-        profile(model, processor, device, B, args.repeats, args.cprofile, args.trace)
+        profile(model, processor, device, B, args.repeats, args.cprofile, args.trace, args.methods, args.profile_method)
 
 
 if __name__ == "__main__":
