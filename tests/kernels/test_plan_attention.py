@@ -161,6 +161,22 @@ def test_decode_many_rows_per_kv_head(feature):
     check(qkv, kw, path="decode")
 
 
+@pytest.mark.parametrize("dtype", FP, ids=str)
+def test_decode_segment_pure_key_blocks(dtype):
+    """Contiguous segments, as in a real prompt: key blocks holding only text, only image
+    keys without a sink, or image keys with sinks, where the reweighting decode skips the
+    products of the segments a block lacks."""
+    from vlmfix.kernels._common import IMAGE, IMAGE_SINK, TEXT
+
+    qkv, kw = make_inputs(2, 4, 2, 1, 700, 64, dtype, pads=(0, 37), pre=True, reweight=True, seed=9)
+    labels = kw["labels"]
+    for b, pad in enumerate((0, 37)):
+        labels[b, pad:] = TEXT
+        labels[b, pad + 10 : pad + 600] = IMAGE  # several whole blocks of image keys, no sink
+        labels[b, pad + 12 : pad + 15] = IMAGE_SINK  # the sinks sit in the first image block
+    check(qkv, kw, path="decode")
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 100])
 def test_decode_split_count_does_not_matter(num_splits):
     qkv, kw = make_inputs(2, 4, 1, 2, 300, 64, torch.float32, pads=(0, 50), pre=True, reweight=True, seed=6)
