@@ -119,3 +119,34 @@ def test_evaluate_decodes_pope_and_captions_with_the_rows_beams(tmp_path, monkey
     }  # fmt: skip
     assert [r["num_beams"] for r in rows] == [1, 5, 5]
     assert [r.get("vs_reference") for r in rows] == [None, "baseline", "baseline@beam5"]
+
+
+def test_evaluate_under_another_prompt_tags_its_rows(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import vlmfix
+    from vlmfix.testbed import results
+
+    prompts_seen = set()
+
+    def fake_generate(model, processor, images, prompts, methods, **kwargs):
+        prompts_seen.update(p for p in prompts if not p.lower().startswith("is there"))
+        return SimpleNamespace(texts=["yes" if p.startswith("is there") else "a fork and a knife." for p in prompts])
+
+    monkeypatch.setattr(vlmfix, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(vlmfix, "generate", fake_generate)
+    splits = results._write_splits(tmp_path / "scenes", 8, 1)
+    rows = results.evaluate("clean", ["baseline", "vcd"], splits, tmp_path / "runs", n=8, seed=1,
+                            prompt="answer . describe the image.", tag="distracted")  # fmt: skip
+    assert prompts_seen == {"answer . describe the image."}  # the captions, and only them
+    assert [r["variant"] for r in rows] == ["clean [distracted]"] * 2
+    assert all(r["prompt"] == "answer . describe the image." for r in rows)
+    assert rows[1]["vs_reference"] == "baseline"  # paired within the tagged run
+
+
+def test_cli_prompt_needs_a_tag(capsys):
+    from vlmfix.testbed import results
+
+    with pytest.raises(SystemExit):
+        results.main(["--prompt", "answer . describe the image.", "--n", "3"])
+    assert "--tag" in capsys.readouterr().err

@@ -11,9 +11,9 @@ Regenerating the documentation is an explicit choice: ``--update-docs`` writes
 Every metric carries the evaluators' seeded bootstrap 95% interval over images, and every
 method row its paired-bootstrap difference from the baseline (:mod:`.intervals`).
 
-For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``) and each
-registered method (paper defaults), on held-out ``clean``-world scenes of a seed that
-training never used:
+For each shipped variant (``clean``, ``caption_noise``, ``occlusion_prior``,
+``under_attention``) and each registered method (paper defaults), on held-out
+``clean``-world scenes of a seed that training never used:
 
 - POPE ``random`` on the natural split and POPE ``adversarial`` on the adversarial split
   (negatives = the category that co-occurs most with each positive in the natural
@@ -24,6 +24,9 @@ training never used:
 - partner-hallucination rate on the adversarial split: over (scene, A present, its
   prior partner B absent), how often the caption names B, and where: after the word
   for A, before it, or with A not named.
+
+``--prompt TEXT --tag NAME`` captions with another prompt (e.g. a distracting
+instruction); those rows read ``VARIANT [NAME]`` and sit beside the default prompt's.
 
 Everything goes through the public API (``vlmfix.load``, ``vlmfix.generate``), greedy
 unless a row asks for beam search: ``ROW@beamN`` (e.g. ``baseline@beam5``, ``helpd@beam5``)
@@ -180,8 +183,14 @@ def evaluate(
     seed: int,
     batch_size: int = 64,
     device: str | None = None,
+    prompt: str = CAPTION_PROMPT,
+    tag: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate methods (default settings) on one variant; returns one row per method.
+
+    ``prompt`` is the caption prompt (POPE questions are unchanged); ``tag`` names a run
+    under another prompt: its rows' variant reads ``VARIANT [TAG]``, so that they sit beside
+    the default prompt's rows instead of replacing them.
 
     ``method_names`` are row specs (:func:`parse_row_spec`): a method spec, optionally with
     ``@beamN`` for beam search (POPE answers and captions alike). Every row records its
@@ -202,6 +211,7 @@ def evaluate(
     }
     from vlmfix.testbed import intervals
 
+    label = f"{variant} [{tag}]" if tag else variant
     rows = []
     units: dict[str, dict[str, tuple]] = {}  # method -> source -> (image ids, counts, metric_fn)
     for name in method_names:
@@ -217,14 +227,16 @@ def evaluate(
         run_info = {"model_id": f"testbed:{variant}", "methods": [c.to_dict() for c in configs]}
         if num_beams > 1:  # as the CLI records it: only when beam search is on
             run_info["generation"] = {"num_beams": num_beams}
-        row: dict[str, Any] = {"variant": variant, "method": name, "num_beams": num_beams, "ci": {}}
+        row: dict[str, Any] = {"variant": label, "method": name, "num_beams": num_beams, "ci": {}}
+        if prompt != CAPTION_PROMPT:
+            row["prompt"] = prompt
         units[name] = {}
         for split_name, qs in questions.items():
             kind = "natural" if split_name == "random" else "adversarial"
             res = run_pope(
                 {split_name: qs},
                 splits[kind]["images"],
-                work / variant / name / f"pope_{split_name}",
+                work / label / name / f"pope_{split_name}",
                 lambda im, pr: generate_fn(im, pr, max_new_tokens=4),
                 template="plain",
                 batch_size=batch_size,
@@ -235,12 +247,12 @@ def evaluate(
             row[f"pope_{split_name}_f1"] = m["f1"]
             row["ci"].update({f"pope_{split_name}_{k}": m["ci"][v] for k, v in (("acc", "accuracy"), ("f1", "f1"))})
             units[name][f"pope_{split_name}"] = intervals.unit_counts(
-                f"pope_{split_name}", work / variant / name / f"pope_{split_name}"
+                f"pope_{split_name}", work / label / name / f"pope_{split_name}"
             )
         for kind in ("natural", "adversarial"):
             gt = load_ground_truth(splits[kind]["instances"])
-            samples = image_samples(splits[kind]["images"], gt, n=None, prompt=CAPTION_PROMPT)
-            out = work / variant / name / f"chair_{kind}"
+            samples = image_samples(splits[kind]["images"], gt, n=None, prompt=prompt)
+            out = work / label / name / f"chair_{kind}"
             res = run_chair(samples, gt, out, generate_fn, batch_size=batch_size, run_info=run_info)
             metrics = res["metrics"]
             row[f"chair_s_{kind}"] = metrics["CHAIR_s"]
@@ -260,7 +272,7 @@ def evaluate(
                 row["ci"]["partner_rate"] = intervals.partner_interval(pc)
                 units[name]["partner"] = intervals.unit_counts("partner", out, pc)
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        logger.info("%s / %s done in %.1fs", variant, name, row["seconds"])
+        logger.info("%s / %s done in %.1fs", label, name, row["seconds"])
         rows.append(row)
     for row in rows:
         ref = reference_spec(row["method"])
@@ -353,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         "default: every registered method, greedy",
     )
     parser.add_argument("--append", action="store_true", help="add rows to an existing rows.json instead of replacing")
+    parser.add_argument(
+        "--prompt", default=CAPTION_PROMPT, help=f"caption prompt (default {CAPTION_PROMPT!r}; POPE questions unchanged)"
+    )
+    parser.add_argument("--tag", default=None, help="name of a --prompt run: its rows read 'VARIANT [TAG]'")
     parser.add_argument("--from-rows", action="store_true", help="only rebuild the table and plot from rows.json")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
@@ -361,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n {args.n} must be >= 3 (each split needs positives and negatives)")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be >= 1")
+    if not args.prompt.strip():
+        parser.error("--prompt is empty; give a caption prompt such as 'describe the image.'")
+    if args.prompt != CAPTION_PROMPT and not args.tag:
+        parser.error("--prompt needs --tag NAME, so that its rows sit beside the default prompt's rows")
     if args.update_docs:
         if args.out is not None or args.markdown is not None:
             parser.error("--update-docs sets --out and --markdown itself; give either, not both")
@@ -395,7 +415,7 @@ def _run(args: argparse.Namespace) -> int:
         for variant in variants:
             rows += evaluate(
                 variant, methods, splits, Path(tmp) / "runs", n=args.n, seed=args.seed,
-                batch_size=args.batch_size, device=args.device,
+                batch_size=args.batch_size, device=args.device, prompt=args.prompt, tag=args.tag,
             )  # fmt: skip
     if args.append and (out / "rows.json").exists():
         new_keys = {(r["variant"], r["method"]) for r in rows}
@@ -404,7 +424,7 @@ def _run(args: argparse.Namespace) -> int:
         order = {v: i for i, v in enumerate(testbed.VARIANTS)}
         rows.sort(  # per variant: greedy rows, then each beam width; the baseline first in each
             key=lambda r: (
-                order.get(r["variant"], len(order)),
+                order.get(r["variant"].split(" [")[0], len(order)),  # a tagged run after its variant
                 r["variant"],
                 r.get("num_beams", 1),
                 parse_row_spec(r["method"])[0] != "baseline",
