@@ -170,3 +170,20 @@ def test_a_snapshot_is_the_model_of_the_shorter_run(tmp_path):
     assert meta["steps_done"] == 3 and meta["config"]["steps"] == 5
     final = load_file(tmp_path / "long" / "model.safetensors")
     assert any(not torch.equal(final[k], snap[k]) for k in snap)
+
+
+def test_weights_beyond_fp16_are_saved_in_fp32_not_as_inf(tmp_path, processor, caplog):
+    from safetensors.torch import load_file
+
+    from vlmfix.testbed.modeling import build_model
+    from vlmfix.testbed.train import _save
+
+    model = build_model(0)
+    assert _save(model, processor, tmp_path / "ok", []) == "float16"
+    model = build_model(0)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[1, 3] = 1e5  # the BOS row, past fp16's 65504
+    assert _save(model, processor, tmp_path / "big", []) == "float32"
+    assert "beyond fp16" in caplog.text and "embed_tokens" in caplog.text
+    w = load_file(tmp_path / "big" / "model.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())

@@ -370,8 +370,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
                     cfg.steps = max(fit, cfg.warmup_steps + 1, cfg.blind_steps + 1)
         if step in cfg.save_at and step < cfg.steps:
             snap = out / f"step-{step}"
-            _save(copy.deepcopy(model), processor, snap, log_rows)
-            _write_summary(snap, cfg, arch, model, steps_requested, step, False, time.perf_counter() - t0, log_rows)
+            dt = _save(copy.deepcopy(model), processor, snap, log_rows)
+            _write_summary(snap, cfg, arch, model, steps_requested, step, False, time.perf_counter() - t0, log_rows, dt)
             logger.info("snapshot at step %d -> %s", step, snap)
         if step % cfg.log_every == 0 or step == cfg.steps:
             n_avg = step % cfg.log_every or cfg.log_every
@@ -384,25 +384,40 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
                 logger.warning("time limit %.0fs reached at step %d of %d; stopping", cfg.time_limit_s, step, cfg.steps)
                 stopped_early = True
                 break
-    _save(model, processor, out, log_rows)
-    return _write_summary(out, cfg, arch, model, steps_requested, step, stopped_early, time.perf_counter() - t0, log_rows)
+    dt = _save(model, processor, out, log_rows)
+    train_s = time.perf_counter() - t0
+    return _write_summary(out, cfg, arch, model, steps_requested, step, stopped_early, train_s, log_rows, dt)
 
 
-def _save(model: torch.nn.Module, processor: Any, out: Path, log_rows: list[dict[str, Any]]) -> None:
-    """Write ``model`` (cast to fp16 in place), the processor and the training log so far."""
+_FP16_MAX = 65504.0
+
+
+def _save(model: torch.nn.Module, processor: Any, out: Path, log_rows: list[dict[str, Any]]) -> str:
+    """Write ``model`` (cast in place), the processor and the training log so far.
+
+    Returns the dtype written: fp16, unless a weight exceeds fp16's range (a cast would write
+    inf), then fp32 with a warning naming the largest weights.
+    """
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.to(torch.float16).save_pretrained(out)
+    peaks = {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
+    over = sorted(((v, n) for n, v in peaks.items() if v > _FP16_MAX), reverse=True)
+    dtype = torch.float32 if over else torch.float16
+    if over:
+        logger.warning("weights beyond fp16's range (%s); saving %s in float32",
+                       ", ".join(f"{n}: {v:.3g}" for v, n in over[:3]), out)  # fmt: skip
+    model.to(dtype).save_pretrained(out)
     processor.save_pretrained(out)
     with open(out / "train_log.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
         w.writeheader()
         w.writerows(log_rows)
+    return str(dtype).removeprefix("torch.")
 
 
 def _write_summary(
     out: Path, cfg: TrainConfig, arch: dict[str, Any], model: torch.nn.Module, steps_requested: int,
-    step: int, stopped_early: bool, train_s: float, log_rows: list[dict[str, Any]],
+    step: int, stopped_early: bool, train_s: float, log_rows: list[dict[str, Any]], saved_dtype: str = "float16",
 ) -> dict[str, Any]:  # fmt: skip
     """``testbed.json`` of a model saved after ``step`` steps (a snapshot: ``steps_done < steps``)."""
     import transformers
@@ -422,6 +437,7 @@ def _write_summary(
         "stopped_early": stopped_early,
         "train_seconds": round(train_s, 1),
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "saved_dtype": saved_dtype,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
