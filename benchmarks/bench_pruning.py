@@ -157,9 +157,17 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     tables = []
 
+    def scenario(key, title, rows):
+        """Build one model, time its rows, and free it before the next scenario."""
+        model, processor = builders[key]()
+        images, prompts = bc.make_batch(args.batch, sizes[key])
+        tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
+        del model, processor
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     if "next" in args.scenarios:
-        model, processor = builders["next"]()
-        images, prompts = bc.make_batch(args.batch, sizes["next"])
         rows = [
             ("stock model.generate (sdpa)", lambda: [], "stock"),
             ("plain vlmfix", lambda: [], "vlmfix"),
@@ -170,16 +178,9 @@ def main(argv=None):
             ("peers' way: FastV on eager attention", lambda: [vlmfix.FastV()], "eager"),
             ("peers' way: unpruned eager attention", lambda: [], "eager"),
         ]
-        title = f"LLaVA-NeXT-7B (random), FastV, backend {args.backend}"
-        tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
-        del model, processor
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        scenario("next", f"LLaVA-NeXT-7B (random), FastV, backend {args.backend}", rows)
 
     if "llava" in args.scenarios:
-        model, processor = builders["llava"]()
-        images, prompts = bc.make_batch(args.batch, sizes["llava"])
         rows = [
             ("stock model.generate (sdpa)", lambda: [], "stock"),
             ("plain vlmfix", lambda: [], "vlmfix"),
@@ -187,8 +188,7 @@ def main(argv=None):
             ("random pre-LM pruning to 64", lambda: [vlmfix.RandomPrune(layer=0, ratio=1 - budget)], "vlmfix"),
             ("adjacent merging 50%", lambda: [vlmfix.TokenMerge()], "vlmfix"),
         ]
-        title = f"LLaVA-1.5-7B (random), pre-LM, backend {args.backend}"
-        tables.append(run_scenario(title, model, processor, images, prompts, rows, device, N, R, args.backend))
+        scenario("llava", f"LLaVA-1.5-7B (random), pre-LM, backend {args.backend}", rows)
 
     what = "tiny random models (CPU dry run)" if args.tiny else "random full-size models, fp16, sdpa (cuDNN sdpa off)"
     print(f"\n{what} on {device_name}; torch {torch.__version__}\n")
