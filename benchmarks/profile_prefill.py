@@ -93,28 +93,25 @@ def profile(model, processor, device, B, repeats, cprofile=False, trace=False, m
 
         torch_profile(model, processor, images, prompts, parse_method_spec(profile_method),
                       f"batch {B}, {profile_method}")  # fmt: skip
-        prof = cProfile.Profile()
-        prof.enable()
-        vlmfix.generate(model, processor, images, prompts, parse_method_spec(profile_method), max_new_tokens=1)
-        torch.cuda.synchronize(device)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
-        print("\n".join(s.getvalue().splitlines()[:36]))
+        host_profile(model, processor, images, prompts, parse_method_spec(profile_method), device, top=20)
     if trace:
         torch_profile(model, processor, images, prompts, [], f"batch {B}, vlmfix plain")
         torch_profile(model, processor, images, prompts, [vlmfix.RandomPrune(layer=0, ratio=1 - 64 / 576)],
                       f"batch {B}, random pre-LM 64")  # fmt: skip
-    if not cprofile:
-        return
+    if cprofile:
+        host_profile(model, processor, images, prompts, [vlmfix.VisionZip()], device, top=25)
+
+
+def host_profile(model, processor, images, prompts, methods, device, top):
+    """A ``cProfile`` of one 1-token call, the ``top`` functions by own host time."""
     prof = cProfile.Profile()
     prof.enable()
-    vlmfix.generate(model, processor, images, prompts, [vlmfix.VisionZip()], max_new_tokens=1)
+    vlmfix.generate(model, processor, images, prompts, methods, max_new_tokens=1)
     torch.cuda.synchronize(device)
     prof.disable()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-    print("\n".join(s.getvalue().splitlines()[:45]))
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
+    print("\n".join(s.getvalue().splitlines()[: top + 20]))
 
 
 def main(argv=None):
