@@ -75,7 +75,8 @@ _MAX_ANSWER = 3 * 8 + 2  # up to 8 named objects: "a x" + 7 x "and a x" + "." + 
 # Language Models", ICLR 2025) finds sinks emerge after effective optimisation on enough
 # data with softmax attention and a fixed first token, and grow with weight decay and
 # learning rate; so a long text-only stage scored on every text token (LM pretraining) at
-# lr 3e-3 and weight decay 0.1, then images. Neither attempt produced massive activations.
+# lr 3e-3 and weight decay 0.1, then images. None of three attempts (docs/testbed.md) produced
+# massive activations.
 VARIANT_RECIPES: dict[str, dict[str, Any]] = {
     "under_attention": {"blind_steps": 600, "finetune_lr": 5e-4, "steps": 4600},
     "attention_sink": {
